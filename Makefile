@@ -1,0 +1,36 @@
+# One entry point per job; every target creates or reuses .venv itself.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha1sum | cut -c1-12)
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+export DS_ACCELERATOR ?= cpu
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+DATA    ?= ../shared/data
+
+.PHONY: venv demo test test-fast bench bench-glue clean
+
+venv: $(STAMP)
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch first and pinned: an unpinned resolve would pull several GB of CUDA wheels.
+	$(BIN)/python -m pip install -q -c constraints.txt torch
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[demo,test]'
+	rm -f $(VENV)/.installed-* && touch $@
+
+demo: venv
+	$(BIN)/python -m arc_dist.demo --text $(DATA)/wikitext-2-raw --out demo_out
+
+test: venv
+	$(BIN)/python -m pytest -q tests
+
+test-fast: venv
+	$(BIN)/python -m pytest -q -m "not slow and not slurm" tests
+
+bench: venv
+	$(BIN)/python benchmarks/relation_loss.py
+
+clean:
+	rm -rf demo_out runs .cache
