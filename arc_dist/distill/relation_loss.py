@@ -1,0 +1,285 @@
+"""MiniLMv2 fine-grained self-attention relation loss (stage 1 of ARC, see docs/ARC_METHOD.md, "Stage 1").
+
+For each relation R in {qq, kk, vv} the query/key/value projection outputs X of shape [B, S, d] are split into
+A_r relation heads, and the teacher's row-wise softmax of X X^T / sqrt(d_r) is distilled into the student's with a
+KL divergence, averaged over relation heads and valid (non-padded) query rows of the whole batch.
+
+Why a fused custom autograd function instead of plain autograd:
+the relation matrices are [B, A_r, S, S] per relation. Plain autograd (``reference_relation_loss``) keeps the teacher
+probabilities, the student log-probabilities and several other S x S intermediates alive until backward, so peak
+memory is quadratic in S and dominates a stage-1 step at long sequence lengths. The loss is a scalar and the
+gradient of a row's KL with respect to the student scores is simply ``softmax(student) - rel_T`` (per valid row,
+divided by the normaliser), so ``_FusedRelationKL`` computes the value and the gradient in one pass over chunks of
+query rows: per chunk it builds the teacher and student scores for ``chunk_size`` rows against all S keys, adds the
+chunk's KL to the sum and immediately turns the score gradient into the gradient of the student projection (X_S is
+on both sides of the score matmul, so it gets a row term and a column term). Nothing is recomputed in backward,
+which only rescales the saved gradient by ``grad_output``. Memory: O(B * A_r * chunk_size * S) transient per chunk,
+plus O(B * S * d_s) saved for backward -- linear in S for a fixed chunk size.
+
+Numerics: everything is computed in float32 (float64 stays float64) even for bf16/fp16 inputs; the gradient is
+returned in the student input's dtype. Padded key columns get -inf before both softmaxes and padded query rows are
+excluded from the sum and the normaliser; padded positions are zeroed first, so garbage (even inf/NaN) in padded
+rows cannot leak into the loss or create NaN, and padded rows get a zero gradient.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from arc_dist.errors import ConfigError
+
+QKV = tuple[Tensor, Tensor, Tensor]
+"""Query, key and value projection outputs, each [B, S, d] (``nn.Linear`` outputs, bias included, before head split)."""
+
+RELATIONS: tuple[str, ...] = ("qq", "kk", "vv")
+"""Relation names, in the order of the (query, key, value) tuple elements they pair with themselves."""
+
+
+@dataclass
+class RelationLossOutput:
+    """Result of the relation loss.
+
+    ``total`` carries the gradient; ``per_relation`` holds detached values for logging.
+    """
+
+    total: Tensor
+    per_relation: dict[str, Tensor]
+
+
+def _check_weights(weights: dict[str, float] | None) -> dict[str, float]:
+    """Fill in default weights (1.0) and reject unknown relation names and negative or non-finite weights."""
+    resolved = {name: 1.0 for name in RELATIONS}
+    if weights is None:
+        return resolved
+    unknown = sorted(set(weights) - set(RELATIONS))
+    if unknown:
+        raise ConfigError(f"unknown relation weight key(s) {unknown}; valid keys are {list(RELATIONS)}")
+    for name, value in weights.items():
+        value = float(value)
+        if not math.isfinite(value) or value < 0:
+            raise ConfigError(f"relation weight {name}={value} must be a finite number >= 0")
+        resolved[name] = value
+    return resolved
+
+
+def _check_num_heads(num_relation_heads: int) -> None:
+    if isinstance(num_relation_heads, bool) or not isinstance(num_relation_heads, int) or num_relation_heads < 1:
+        raise ConfigError(f"num_relation_heads must be a positive integer, got {num_relation_heads!r}")
+
+
+def _check_inputs(teacher: QKV, student: QKV, attention_mask: Tensor | None, num_relation_heads: int) -> None:
+    """Validate shapes and widths so that mistakes surface as ConfigError naming the offending sizes."""
+    for side, qkv in (("teacher", teacher), ("student", student)):
+        if not isinstance(qkv, (tuple, list)) or len(qkv) != 3:
+            raise ConfigError(f"{side} must be a (query, key, value) tuple of 3 tensors")
+        for name, x in zip(("query", "key", "value"), qkv):
+            if not isinstance(x, Tensor) or x.dim() != 3 or not x.is_floating_point():
+                shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+                raise ConfigError(f"{side} {name} must be a floating-point tensor [batch, seq, width], got {shape}")
+        shapes = [tuple(x.shape) for x in qkv]
+        if len(set(shapes)) != 1:
+            raise ConfigError(f"{side} query/key/value shapes differ: {shapes}")
+    t_shape, s_shape = tuple(teacher[0].shape), tuple(student[0].shape)
+    if t_shape[:2] != s_shape[:2]:
+        raise ConfigError(
+            f"teacher and student disagree on [batch, seq]: teacher {list(t_shape[:2])}, student {list(s_shape[:2])}"
+        )
+    devices = {x.device for x in (*teacher, *student)}
+    if attention_mask is not None:
+        if tuple(attention_mask.shape) != t_shape[:2]:
+            raise ConfigError(
+                f"attention_mask shape {list(attention_mask.shape)} does not match [batch, seq] = {list(t_shape[:2])}"
+            )
+        devices.add(attention_mask.device)
+    if len(devices) != 1:
+        raise ConfigError(f"teacher, student and attention_mask must be on one device, got {sorted(map(str, devices))}")
+    _check_num_heads(num_relation_heads)
+    d_t, d_s = t_shape[2], s_shape[2]
+    if d_t % num_relation_heads or d_s % num_relation_heads:
+        common = [str(k) for k in range(1, math.gcd(d_t, d_s) + 1) if d_t % k == 0 and d_s % k == 0]
+        raise ConfigError(
+            f"num_relation_heads={num_relation_heads} must divide both the teacher width {d_t} and the student "
+            f"width {d_s}; common divisors: {', '.join(common)}"
+        )
+
+
+def _compute_dtype(*tensors: Tensor) -> torch.dtype:
+    """float32, or float64 if any input is float64: low-precision inputs never drive the softmax/KL arithmetic."""
+    dtype = torch.float32
+    for x in tensors:
+        dtype = torch.promote_types(dtype, x.dtype)
+    return dtype
+
+
+def _valid_mask(attention_mask: Tensor | None, x: Tensor) -> Tensor:
+    """[B, S] bool, True for real tokens."""
+    if attention_mask is None:
+        return torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+    return attention_mask != 0
+
+
+def _split_heads(x: Tensor, valid: Tensor, num_heads: int, dtype: torch.dtype) -> Tensor:
+    """[B, S, d] -> contiguous [B, A_r, S, d_r] in `dtype`, padded positions zeroed (so garbage cannot leak)."""
+    b, s, d = x.shape
+    x = torch.where(valid.unsqueeze(-1), x.to(dtype), 0.0)
+    return x.view(b, s, num_heads, d // num_heads).transpose(1, 2).contiguous()
+
+
+def _key_fill_mask(valid: Tensor) -> Tensor:
+    """[B, 1, 1, S] bool: key columns that get -inf.
+
+    Sequences without any real token are left unmasked: they have no valid query row, so they never reach the loss,
+    and leaving them unmasked keeps their (discarded) softmax finite instead of NaN.
+    """
+    fill = ~valid & valid.any(dim=1, keepdim=True)
+    return fill[:, None, None, :]
+
+
+class _FusedRelationKL(torch.autograd.Function):
+    """One relation's KL loss, with the student gradient computed during forward (see the module docstring)."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx,
+        x_student: Tensor,
+        x_teacher: Tensor,
+        valid: Tensor,
+        num_heads: int,
+        chunk_size: int,
+        need_grad: bool,
+    ) -> Tensor:
+        dtype = _compute_dtype(x_student, x_teacher)
+        b, s, d_s = x_student.shape
+        y_s = _split_heads(x_student.detach(), valid, num_heads, dtype)
+        y_t = _split_heads(x_teacher.detach(), valid, num_heads, dtype)
+        scale_s = 1.0 / math.sqrt(y_s.shape[-1])
+        scale_t = 1.0 / math.sqrt(y_t.shape[-1])
+        key_fill = _key_fill_mask(valid)
+        n_valid_rows = int(valid.sum())
+        normaliser = float(num_heads * max(n_valid_rows, 1))
+        # Per-row factor of the score gradient: 0 for padded query rows, else scale_s / normaliser (the 1/sqrt(d_r)
+        # of the student scores is folded in here, so the two gradient matmuls below use the unscaled heads).
+        row_coef = valid.to(dtype)[:, None, :, None] * (scale_s / normaliser)
+        y_s_t = y_s.transpose(-1, -2)
+        y_t_t = y_t.transpose(-1, -2)
+        grad_y = torch.zeros_like(y_s) if need_grad else None
+        kl_sum = torch.zeros((), dtype=dtype, device=x_student.device)
+
+        for start in range(0, s, chunk_size):
+            rows = slice(start, min(start + chunk_size, s))
+            log_p = torch.log_softmax(
+                torch.matmul(y_t[:, :, rows] * scale_t, y_t_t).masked_fill_(key_fill, float("-inf")), dim=-1
+            )
+            log_q = torch.log_softmax(
+                torch.matmul(y_s[:, :, rows] * scale_s, y_s_t).masked_fill_(key_fill, float("-inf")), dim=-1
+            )
+            p = log_p.exp()
+            # p * (log p - log q), with masked columns (0 * (-inf - -inf)) forced to 0 instead of NaN.
+            kl_terms = log_p.sub_(log_q).masked_fill_(key_fill, 0.0).mul_(p)
+            kl_sum += (kl_terms.sum(dim=-1) * valid[:, None, rows]).sum()
+            del kl_terms
+            if grad_y is not None:
+                # d loss / d scores = (softmax_S - p_T) per valid row; scores = scale * Y Y^T, so Y gets a row term
+                # (chunk rows, against all keys) and a column term (all rows, against the chunk's rows).
+                grad_scores = log_q.exp_().sub_(p).mul_(row_coef[:, :, rows])
+                grad_y[:, :, rows] += torch.matmul(grad_scores, y_s)
+                grad_y += torch.matmul(grad_scores.transpose(-1, -2), y_s[:, :, rows])
+            del log_p, log_q, p
+
+        if grad_y is not None:
+            ctx.save_for_backward(grad_y.transpose(1, 2).reshape(b, s, d_s))
+        ctx.student_dtype = x_student.dtype
+        return kl_sum / normaliser
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):  # type: ignore[override]
+        if not ctx.saved_tensors:
+            return None, None, None, None, None, None
+        (grad_x,) = ctx.saved_tensors
+        return (grad_x * grad_output).to(ctx.student_dtype), None, None, None, None, None
+
+
+class RelationLoss(nn.Module):
+    """MiniLMv2 QQ/KK/VV self-attention relation loss with a row-chunked, fused forward/backward.
+
+    ``num_relation_heads`` (A_r) must divide both model widths; ``weights`` maps "qq"/"kk"/"vv" to non-negative
+    factors (default 1 each); ``chunk_size`` is the number of query rows processed at once (memory/speed trade-off:
+    transient memory is B * A_r * chunk_size * S floats per live intermediate).
+    """
+
+    def __init__(self, num_relation_heads: int, weights: dict[str, float] | None = None, chunk_size: int = 128):
+        super().__init__()
+        _check_num_heads(num_relation_heads)
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ConfigError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
+        self.num_relation_heads = num_relation_heads
+        self.weights = _check_weights(weights)
+        self.chunk_size = chunk_size
+
+    def extra_repr(self) -> str:
+        return f"num_relation_heads={self.num_relation_heads}, weights={self.weights}, chunk_size={self.chunk_size}"
+
+    def forward(self, teacher: QKV, student: QKV, attention_mask: Tensor | None) -> RelationLossOutput:
+        _check_inputs(teacher, student, attention_mask, self.num_relation_heads)
+        valid = _valid_mask(attention_mask, student[0])
+        # The fused gradient is only worth computing when autograd will ask for it.
+        grad_enabled = torch.is_grad_enabled()
+        per_relation: dict[str, Tensor] = {}
+        total: Tensor | None = None
+        with torch.autocast(device_type=student[0].device.type, enabled=False):
+            for name, x_t, x_s in zip(RELATIONS, teacher, student):
+                weight = self.weights[name]
+                if weight == 0.0:
+                    # Still reported for logging, but kept out of the graph so it costs no gradient work.
+                    x_s = x_s.detach()
+                need_grad = grad_enabled and x_s.requires_grad
+                loss = _FusedRelationKL.apply(x_s, x_t, valid, self.num_relation_heads, self.chunk_size, need_grad)
+                per_relation[name] = loss.detach()
+                if weight != 0.0:
+                    total = loss * weight if total is None else total + loss * weight
+        if total is None:
+            total = torch.zeros((), dtype=_compute_dtype(*student), device=student[0].device)
+        return RelationLossOutput(total=total, per_relation=per_relation)
+
+
+def reference_relation_loss(
+    teacher: QKV,
+    student: QKV,
+    attention_mask: Tensor | None,
+    num_relation_heads: int,
+    weights: dict[str, float] | None = None,
+) -> RelationLossOutput:
+    """Straightforward relation loss on full [B, A_r, S, S] matrices with plain autograd.
+
+    The ground truth for tests and the benchmark baseline for ``RelationLoss``: same semantics, quadratic memory.
+    """
+    _check_inputs(teacher, student, attention_mask, num_relation_heads)
+    resolved = _check_weights(weights)
+    valid = _valid_mask(attention_mask, student[0])
+    key_fill = _key_fill_mask(valid)
+    dtype = _compute_dtype(*teacher, *student)
+    row_valid = valid[:, None, :]  # [B, 1, S] against per-row KL [B, A_r, S]
+    normaliser = num_relation_heads * max(int(valid.sum()), 1)
+
+    def log_relation(x: Tensor) -> Tensor:
+        y = _split_heads(x, valid, num_relation_heads, dtype)
+        scores = torch.matmul(y, y.transpose(-1, -2)) / math.sqrt(y.shape[-1])
+        return torch.log_softmax(scores.masked_fill(key_fill, float("-inf")), dim=-1)
+
+    per_relation: dict[str, Tensor] = {}
+    total = torch.zeros((), dtype=dtype, device=student[0].device)
+    with torch.autocast(device_type=student[0].device.type, enabled=False):
+        for name, x_t, x_s in zip(RELATIONS, teacher, student):
+            with torch.no_grad():
+                log_p = log_relation(x_t)
+            p = log_p.exp()
+            log_q = log_relation(x_s)
+            kl = torch.where(key_fill, 0.0, p * (log_p - log_q)).sum(dim=-1)
+            loss = torch.where(row_valid, kl, 0.0).sum() / normaliser
+            per_relation[name] = loss.detach()
+            total = total + resolved[name] * loss
+    return RelationLossOutput(total=total, per_relation=per_relation)

@@ -1,0 +1,115 @@
+"""Sharded DeepSpeed checkpoints that resume exactly: model, optimizer, LR schedule, step, data position, RNG.
+
+Layout under `<run_dir>/checkpoints/`:
+    step_00000100/            DeepSpeed's own files (model states, per-rank optimizer shards)
+    step_00000100/rank_00001.pt   this rank's RNG states (CPU, CUDA, numpy, python)
+    step_00000100/COMPLETE    written by rank 0 only after every rank finished writing
+    latest                    the tag of the newest COMPLETE checkpoint (same format DeepSpeed and zero_to_fp32 read)
+
+`latest` is replaced atomically (write + os.replace) after a barrier, so a process killed while writing leaves the
+previous checkpoint as the one resumed. The checkpointer knows nothing about the model: the trainer hands it an
+engine and a dict of its own state.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from arc_dist.errors import ConfigError
+
+COMPLETE = "COMPLETE"
+LATEST = "latest"
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+class Checkpointer:
+    def __init__(self, directory: str | Path, keep_last: int, rank: int):
+        self.dir = Path(directory)
+        self.keep_last = keep_last
+        self.rank = rank
+
+    @staticmethod
+    def tag_for(step: int) -> str:
+        return f"step_{step:08d}"
+
+    def save(self, engine, step: int, trainer_state: dict[str, Any]) -> str:
+        """Collective: every rank must call it. Returns the tag."""
+        tag = self.tag_for(step)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        engine.save_checkpoint(str(self.dir), tag=tag, client_state={"trainer": trainer_state}, save_latest=False)
+        torch.save({"rng": rng_state(), "trainer": trainer_state}, self.dir / tag / f"rank_{self.rank:05d}.pt")
+        dist.barrier()
+        if self.rank == 0:
+            (self.dir / tag / COMPLETE).write_text(f"world_size={dist.get_world_size()}\n")
+            tmp = self.dir / f".{LATEST}.tmp"
+            tmp.write_text(tag)
+            os.replace(tmp, self.dir / LATEST)
+            self._prune()
+        dist.barrier()
+        return tag
+
+    def resolve(self, resume: str) -> str | None:
+        """The tag to resume from: 'none' -> None; 'auto' -> the newest complete one or None; else that tag."""
+        if resume == "none":
+            return None
+        if resume == "auto":
+            latest = self.dir / LATEST
+            if latest.is_file():
+                tag = latest.read_text().strip()
+                if (self.dir / tag / COMPLETE).is_file():
+                    return tag
+            complete = self.complete_tags()
+            return complete[-1] if complete else None
+        if not (self.dir / resume / COMPLETE).is_file():
+            raise ConfigError(
+                f"checkpoint.resume={resume!r}: no complete checkpoint {self.dir / resume}; "
+                f"complete ones: {self.complete_tags() or 'none'}"
+            )
+        return resume
+
+    def load(self, engine, tag: str) -> dict[str, Any]:
+        """Collective. Restores the engine (model, optimizer, scheduler) and this rank's RNG; returns trainer state."""
+        world = dist.get_world_size()
+        saved_world = (self.dir / tag / COMPLETE).read_text().strip().removeprefix("world_size=")
+        if saved_world != str(world):
+            raise ConfigError(
+                f"checkpoint {self.dir / tag} was written by {saved_world} ranks but this run has {world}: "
+                "resume with the same number of ranks (or consolidate it with zero_to_fp32 and start anew)"
+            )
+        load_path, _ = engine.load_checkpoint(str(self.dir), tag=tag)
+        if load_path is None:
+            raise ConfigError(f"DeepSpeed could not load checkpoint {self.dir / tag}")
+        own = torch.load(self.dir / tag / f"rank_{self.rank:05d}.pt", weights_only=False)
+        set_rng_state(own["rng"])
+        return own["trainer"]
+
+    def complete_tags(self) -> list[str]:
+        if not self.dir.is_dir():
+            return []
+        return sorted(p.name for p in self.dir.glob("step_*") if (p / COMPLETE).is_file())
+
+    def _prune(self) -> None:
+        for tag in self.complete_tags()[: -self.keep_last]:
+            shutil.rmtree(self.dir / tag, ignore_errors=True)

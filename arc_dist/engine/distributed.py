@@ -1,0 +1,132 @@
+"""Process-group set-up and DeepSpeed engine construction (teacher and student), shared by both stages."""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import json
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from arc_dist.errors import ConfigError
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+# Top-level DeepSpeed keys we accept. DeepSpeed silently ignores unknown keys, so a typo ("zero_optimisation")
+# would run a job without ZeRO at all; we refuse it instead.
+KNOWN_DS_KEYS = {
+    "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping",
+    "bf16", "fp16", "zero_optimization", "zero_allow_untested_optimizer", "steps_per_print",
+    "wall_clock_breakdown", "activation_checkpointing", "communication_data_type", "prescale_gradients",
+    "gradient_predivide_factor", "flops_profiler", "tensorboard", "comms_logger", "checkpoint", "data_types",
+    "zero_force_ds_cpu_optimizer", "memory_breakdown", "dump_state", "seed", "timers",
+}
+KNOWN_ZERO_KEYS = {
+    "stage", "overlap_comm", "contiguous_gradients", "reduce_bucket_size", "allgather_bucket_size",
+    "reduce_scatter", "allgather_partitions", "round_robin_gradients", "offload_param", "offload_optimizer",
+    "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold", "stage3_model_persistence_threshold",
+    "stage3_max_live_parameters", "stage3_max_reuse_distance", "stage3_gather_16bit_weights_on_model_save",
+    "sub_group_size", "zero_hpz_partition_size", "zero_quantized_weights", "zero_quantized_gradients",
+    "memory_efficient_linear", "mics_shard_size", "elastic_checkpoint", "ignore_unused_parameters",
+    "use_multi_rank_bucket_allreduce", "load_from_fp32_weights",
+}
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(timeout_s: float = 600.0) -> DistEnv:
+    """Join (or create, for a plain `python` run) the process group: NCCL on GPU, gloo on CPU.
+
+    Works under the `deepspeed` launcher, torchrun and Slurm-started torchrun alike: all of them export
+    RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT.
+    """
+    import deepspeed
+
+    if "RANK" not in os.environ:  # a single process started without a launcher
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device, backend = torch.device("cuda", local_rank), "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    if not dist.is_initialized():
+        deepspeed.init_distributed(
+            dist_backend=backend, auto_mpi_discovery=False, verbose=False,
+            timeout=datetime.timedelta(seconds=timeout_s),
+        )
+    return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def resolve_dtype(precision: str) -> torch.dtype:
+    if precision == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+
+
+def load_ds_config(path: str, fill: dict[str, Any]) -> dict[str, Any]:
+    """Read a DeepSpeed JSON and fill its "auto" values from the project config (the one source of truth).
+
+    `fill` maps dotted keys ("bf16.enabled") to values. A key that is set to something other than "auto" and
+    disagrees with the project config is an error: two places disagreeing about the batch size is a bug.
+    """
+    p = Path(path)
+    if not p.is_absolute() and not p.exists():
+        p = REPO_ROOT / p
+    if not p.is_file():
+        raise ConfigError(f"DeepSpeed config {path} does not exist (see ds_configs/ for the shipped ones)")
+    try:
+        cfg = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"DeepSpeed config {p} is not valid JSON: {e}") from None
+    unknown = sorted(set(cfg) - KNOWN_DS_KEYS)
+    if unknown:
+        raise ConfigError(f"DeepSpeed config {p}: unknown top-level keys {unknown} (DeepSpeed would ignore them)")
+    unknown = sorted(set(cfg.get("zero_optimization", {})) - KNOWN_ZERO_KEYS)
+    if unknown:
+        raise ConfigError(f"DeepSpeed config {p}: unknown zero_optimization keys {unknown}")
+    for key in ("optimizer", "scheduler"):
+        if key in cfg:
+            raise ConfigError(f"DeepSpeed config {p}: remove {key!r}; the optimizer and schedule come from `optim.*`")
+    cfg = copy.deepcopy(cfg)
+    for dotted, value in fill.items():
+        node = cfg
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        current = node.get(leaf, "auto")
+        if current == "auto":
+            node[leaf] = value
+        elif current != value:
+            raise ConfigError(
+                f"DeepSpeed config {p}: {dotted}={current!r} disagrees with the project config ({value!r}); "
+                f'set it to "auto" there and change it in the YAML config instead'
+            )
+    return cfg
+
+
+def zero_stage(ds_config: dict[str, Any]) -> int:
+    return int(ds_config.get("zero_optimization", {}).get("stage", 0))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
