@@ -24,6 +24,9 @@ class FamilyAdapter:
     model_types: tuple[str, ...]
     # ELECTRA's embeddings may be narrower than the hidden size and are projected up before the first layer.
     embeddings_project: bool = False
+    # BERT classifies the pooled [CLS] (pooler + dropout + classifier); RoBERTa/XLM-R/ELECTRA's `classifier` head
+    # takes the whole sequence output and picks <s> itself.
+    head_on_pooler: bool = False
 
     def layers(self, model: nn.Module) -> nn.ModuleList:
         return model.encoder.layer
@@ -46,9 +49,31 @@ class FamilyAdapter:
         """Sub-modules of a layer that run after its Q/K/V projections (attention output and FFN)."""
         return [layer.attention.output, layer.intermediate, layer.output]
 
+    def attention_mask_for(self, config: PretrainedConfig, hidden: torch.Tensor, attention_mask: torch.Tensor | None):
+        """`attention_mask` for a config without its model: stage 2 keeps the teacher's layers but not the model."""
+        return create_bidirectional_mask(config=config, inputs_embeds=hidden, attention_mask=attention_mask)
+
+    def encoder_of(self, seq_model: nn.Module) -> nn.Module:
+        """The base encoder inside a task model (`.bert`, `.roberta`, `.electra`: HF's `base_model_prefix`)."""
+        prefix = getattr(seq_model, "base_model_prefix", "")
+        encoder = getattr(seq_model, prefix, None) if prefix else None
+        if encoder is None or not hasattr(seq_model, "classifier"):
+            raise ConfigError(
+                f"expected a {self.name} sequence-classification model (AutoModelForSequenceClassification), "
+                f"got {type(seq_model).__name__}"
+            )
+        return encoder
+
+    def classify(self, seq_model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits [B, num_labels] from the last hidden states [B, S, d], with the task model's own head."""
+        if self.head_on_pooler:
+            pooled = self.encoder_of(seq_model).pooler(hidden)
+            return seq_model.classifier(seq_model.dropout(pooled))
+        return seq_model.classifier(hidden)
+
 
 FAMILIES = (
-    FamilyAdapter("bert", ("bert",)),
+    FamilyAdapter("bert", ("bert",), head_on_pooler=True),
     FamilyAdapter("roberta", ("roberta", "xlm-roberta", "camembert")),
     FamilyAdapter("electra", ("electra",), embeddings_project=True),
 )
