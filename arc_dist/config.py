@@ -126,6 +126,92 @@ class MetricsConfig:
     progress_bar: bool = option(True, "Show a tqdm progress bar on rank 0.")
 
 
+@dataclass
+class ReplacementScheduleConfig:
+    kind: Literal["constant", "linear"] = option(
+        "linear", "Replacement-rate schedule: 'linear' curriculum p = min(1, slope*t + base), or 'constant' p = rate."
+    )
+    rate: float = option(0.5, "Constant schedule: the replacement rate p, in (0, 1] (0.5-0.7 is robust; 0.1 is bad).")
+    switch_step: int | None = option(
+        None, "Constant schedule: optimizer step from which p = 1; default: replacing_steps."
+    )
+    base: float = option(0.3, "Linear schedule: p at step 0 (b), in (0, 1].")
+    slope: float | None = option(
+        None, "Linear schedule: increase of p per optimizer step (k); default (1 - base) / replacing_steps."
+    )
+    replacing_steps: int = option(
+        1000,
+        "Optimizer steps of the replacement phase; from this step on p = 1 and the student is fine-tuned alone "
+        "for the rest of train.steps.",
+    )
+
+    def validate(self, total_steps: int | None = None) -> None:
+        """Check ranges; with `total_steps` (train.steps) also check the replacement phase fits in training."""
+        if self.kind not in ("constant", "linear"):
+            raise ConfigError(f"replace.schedule.kind={self.kind!r} is not allowed; choose one of ['constant', 'linear']")
+        if not 0 < self.rate <= 1:
+            raise ConfigError(f"replace.schedule.rate={self.rate} must be in (0, 1]: at 0 no student layer would train")
+        if not 0 < self.base <= 1:
+            raise ConfigError(f"replace.schedule.base={self.base} must be in (0, 1]")
+        if self.slope is not None and self.slope <= 0:
+            raise ConfigError(f"replace.schedule.slope={self.slope} must be > 0 (or null for the default)")
+        if self.replacing_steps < 1:
+            raise ConfigError(f"replace.schedule.replacing_steps={self.replacing_steps} must be >= 1")
+        if self.switch_step is not None and not 0 <= self.switch_step <= self.replacing_steps:
+            raise ConfigError(
+                f"replace.schedule.switch_step={self.switch_step} must be in 0..replacing_steps="
+                f"{self.replacing_steps} (p is 1 after the replacement phase anyway)"
+            )
+        if total_steps is not None and self.replacing_steps > total_steps:
+            raise ConfigError(
+                f"replace.schedule.replacing_steps={self.replacing_steps} exceeds train.steps={total_steps}: "
+                "the replacement phase must fit inside training"
+            )
+
+
+@dataclass
+class GlueDataConfig:
+    task: str = option("sst2", "GLUE task: cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli (aliases like SST-2 work).")
+    glue_dir: str | None = option(
+        None, "Local glue_data-style folder of the official TSV files; null = the Hugging Face `glue` dataset."
+    )
+    max_seq_len: int = option(128, "Maximum tokens per example (pairs are truncated to fit).")
+    train_subset: int | None = option(
+        None, "Use only this many training examples (a seeded random subset), for CPU budgets; null = all."
+    )
+    eval_every_steps: int = option(100, "Evaluate on the whole dev set every N optimizer steps (0 = only at the end).")
+    eval_batch_size: int = option(64, "Sequences per rank per evaluation batch.")
+
+
+@dataclass
+class CompressStudentConfig:
+    path: str = option(
+        "", "The student to compress into: the stage-1 export (an AutoModel directory) or any encoder of the "
+        "teacher's family. Empty with `truncate_teacher_layers` set: the teacher's bottom layers."
+    )
+    truncate_teacher_layers: int | None = option(
+        None, "Baseline init: the fine-tuned teacher's bottom N layers (its embeddings and head included)."
+    )
+    head: Literal["fresh", "teacher"] = option(
+        "fresh", "Task head of the student: 'fresh' (randomly initialised) or 'teacher' (copied; widths must match)."
+    )
+
+
+@dataclass
+class MappingConfig:
+    kind: Literal["uniform", "upper", "explicit", "block"] = option(
+        "uniform", "Student slot -> teacher layers: uniform (one-to-one, default), upper, explicit, or block "
+        "(BERT-of-Theseus: each slot stands for L_t/L_s contiguous teacher layers)."
+    )
+    explicit: list[int] | None = option(None, "For kind=explicit: 1-based teacher layer per student slot.")
+
+
+@dataclass
+class KDConfig:
+    weight: float = option(0.0, "Weight of logit distillation from the full fine-tuned teacher (0 = off).")
+    temperature: float = option(1.0, "Softmax temperature of logit distillation (the loss is scaled by T^2).")
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Job configs
 # --------------------------------------------------------------------------------------------------------------
@@ -175,6 +261,74 @@ class DistillJobConfig:
         resume = self.checkpoint.resume
         if resume not in ("auto", "none") and not resume.startswith("step_"):
             raise ConfigError(f"checkpoint.resume={resume!r}: use 'auto', 'none' or a checkpoint tag like 'step_00000100'")
+
+
+@dataclass
+class FinetuneJobConfig:
+    """Fine-tune a pre-trained encoder on a GLUE task (the teacher, or a baseline student)."""
+
+    run_dir: str = option("runs/finetune", "Output directory: checkpoints/, tensorboard/, model/ (the export).")
+    model: str = option("", "Pre-trained Hugging Face directory to fine-tune (its tokenizer is used).")
+    truncate_layers: int | None = option(None, "Keep only the model's bottom N layers (the truncation baseline).")
+    data: GlueDataConfig = option(factory=GlueDataConfig, help="The GLUE task.")
+    kd: KDConfig = option(factory=KDConfig, help="Optional logit distillation (needs kd_teacher).")
+    kd_teacher: str | None = option(None, "A fine-tuned teacher for logit KD (the vanilla-KD baseline).")
+    optim: OptimConfig = option(factory=lambda: OptimConfig(lr=2e-5, warmup_steps=0), help="Optimizer and schedule.")
+    train: TrainConfig = option(factory=TrainConfig, help="Steps, batch, precision, DeepSpeed configs.")
+    checkpoint: CheckpointConfig = option(factory=CheckpointConfig, help="Checkpointing and resume.")
+    metrics: MetricsConfig = option(factory=MetricsConfig, help="Logging.")
+
+    def validate(self) -> None:
+        _require(self.model, "model", "a pre-trained Hugging Face model directory")
+        _validate_glue_job(self)
+        if self.truncate_layers is not None and self.truncate_layers < 1:
+            raise ConfigError(f"truncate_layers={self.truncate_layers} must be >= 1 (or null)")
+        if self.kd.weight > 0 and not self.kd_teacher:
+            raise ConfigError("kd.weight > 0 needs kd_teacher: the fine-tuned teacher whose logits are distilled")
+
+
+@dataclass
+class CompressJobConfig:
+    """Stage 2: one-to-one layer replacement compression of a fine-tuned teacher into a student, on a GLUE task."""
+
+    run_dir: str = option("runs/compress", "Output directory: checkpoints/, tensorboard/, student/, best/.")
+    teacher: str = option("", "The fine-tuned teacher (AutoModelForSequenceClassification directory) for the task.")
+    student: CompressStudentConfig = option(factory=CompressStudentConfig, help="The student and its head.")
+    mapping: MappingConfig = option(factory=MappingConfig, help="Which teacher layers each student slot replaces.")
+    schedule: ReplacementScheduleConfig = option(factory=ReplacementScheduleConfig, help="Replacement rate p(t).")
+    kd: KDConfig = option(factory=KDConfig, help="Optional logit distillation from the full teacher.")
+    data: GlueDataConfig = option(factory=GlueDataConfig, help="The GLUE task.")
+    optim: OptimConfig = option(factory=lambda: OptimConfig(lr=5e-5, warmup_steps=0), help="Optimizer and schedule.")
+    train: TrainConfig = option(factory=TrainConfig, help="Steps, batch, precision, DeepSpeed configs.")
+    checkpoint: CheckpointConfig = option(factory=CheckpointConfig, help="Checkpointing and resume.")
+    metrics: MetricsConfig = option(factory=MetricsConfig, help="Logging.")
+
+    def validate(self) -> None:
+        _require(self.teacher, "teacher", "a fine-tuned AutoModelForSequenceClassification directory")
+        if not self.student.path and self.student.truncate_teacher_layers is None:
+            raise ConfigError("student.path is required (the stage-1 export), or set student.truncate_teacher_layers")
+        if self.student.path and self.student.truncate_teacher_layers is not None:
+            raise ConfigError("set either student.path or student.truncate_teacher_layers, not both")
+        if self.mapping.explicit is not None and self.mapping.kind != "explicit":
+            raise ConfigError(f"mapping.explicit is set but mapping.kind={self.mapping.kind!r}: use kind=explicit")
+        self.schedule.validate(total_steps=self.train.steps)
+        _validate_glue_job(self)
+
+
+def _validate_glue_job(cfg: Any) -> None:
+    _positive(cfg, "train.steps", "train.micro_batch_size", "train.grad_accum", "data.max_seq_len",
+              "data.eval_batch_size", "metrics.log_every", "checkpoint.keep_last")
+    _non_negative(cfg, "data.eval_every_steps", "optim.warmup_steps", "optim.grad_clip", "optim.weight_decay",
+                  "checkpoint.every_steps", "kd.weight")
+    if not 0 < cfg.optim.lr < 1:
+        raise ConfigError(f"optim.lr={cfg.optim.lr} must be in (0, 1)")
+    if cfg.kd.temperature <= 0:
+        raise ConfigError(f"kd.temperature={cfg.kd.temperature} must be > 0")
+    if cfg.data.train_subset is not None and cfg.data.train_subset < 1:
+        raise ConfigError(f"data.train_subset={cfg.data.train_subset} must be >= 1 (or null for all)")
+    from arc_dist.data.glue import get_task  # late: the data package imports this module
+
+    get_task(cfg.data.task)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -99,7 +99,7 @@ def peak_mib_here(args: argparse.Namespace, method: str, seq_len: int) -> float:
     if args.device.startswith("cuda"):
         inputs = make_inputs(args, seq_len)
         step = make_step(args, method, inputs)
-        step()  # warm-up; also allocates the .grad buffers so that both methods are measured alike
+        step()  # warm-up: cuBLAS workspaces and kernel caches are not part of the method's memory
         sync(args.device)
         torch.cuda.empty_cache()
         base = torch.cuda.memory_allocated()
@@ -125,7 +125,7 @@ def _proc_status_kib(field: str) -> int:
 
 
 def peak_mib(args: argparse.Namespace, method: str, seq_len: int) -> float:
-    """CUDA: measured in-process. CPU: in a fresh subprocess, because peak RSS only ever grows within a process."""
+    """CUDA: measured in-process. CPU: in a fresh subprocess, whose heap holds nothing from the timing runs."""
     if args.device.startswith("cuda"):
         return peak_mib_here(args, method, seq_len)
     cmd = [sys.executable, str(Path(__file__).resolve()), *args.forward_args, "--measure-memory", method, str(seq_len)]
@@ -186,8 +186,10 @@ def main(argv: list[str] | None = None) -> None:
         f"teacher={args.teacher_width} student={args.student_width} chunk_size={args.chunk_size} "
         f"threads={torch.get_num_threads()} repeats={args.repeats}"
     )
-    header = f"{'S':>6} {'project ms':>11} {'reference ms':>13} {'time ratio':>11} {'proj MiB':>10} {'ref MiB':>10} {'mem ratio':>10}"
-    print(header)
+    print(
+        f"{'S':>6} {'project ms':>11} {'reference ms':>13} {'time ratio':>11} "
+        f"{'proj MiB':>10} {'ref MiB':>10} {'mem ratio':>10}"
+    )
     results = []
     for seq_len in args.seq_lens:
         times = time_methods(args, seq_len)

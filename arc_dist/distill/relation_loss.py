@@ -13,13 +13,16 @@ divided by the normaliser), so ``_FusedRelationKL`` computes the value and the g
 query rows: per chunk it builds the teacher and student scores for ``chunk_size`` rows against all S keys, adds the
 chunk's KL to the sum and immediately turns the score gradient into the gradient of the student projection (X_S is
 on both sides of the score matmul, so it gets a row term and a column term). Nothing is recomputed in backward,
-which only rescales the saved gradient by ``grad_output``. Memory: O(B * A_r * chunk_size * S) transient per chunk,
-plus O(B * S * d_s) saved for backward -- linear in S for a fixed chunk size.
+which only rescales the saved gradient by ``grad_output``. Memory: four reused [B * A_r, chunk_size, S] work buffers
+(O(B * A_r * chunk_size * S) transient) plus O(B * S * d_s) saved for backward -- linear in S for a fixed chunk size.
+The work buffers are reused across chunks rather than freshly allocated because on CPU every fresh allocation of
+that size costs page faults; chunk_size 64 was the fastest of 16..256 on CPU at S = 512 (benchmarks/relation_loss.py).
 
 Numerics: everything is computed in float32 (float64 stays float64) even for bf16/fp16 inputs; the gradient is
 returned in the student input's dtype. Padded key columns get -inf before both softmaxes and padded query rows are
 excluded from the sum and the normaliser; padded positions are zeroed first, so garbage (even inf/NaN) in padded
-rows cannot leak into the loss or create NaN, and padded rows get a zero gradient.
+rows cannot leak into the loss or create NaN, and padded rows get a zero gradient. A sequence without any real token
+is left unmasked (all -inf rows would give NaN); it has no valid query row, so it never reaches the loss.
 """
 
 from __future__ import annotations
@@ -71,6 +74,18 @@ def _check_num_heads(num_relation_heads: int) -> None:
         raise ConfigError(f"num_relation_heads must be a positive integer, got {num_relation_heads!r}")
 
 
+def check_relation_heads(num_relation_heads: int, teacher_width: int, student_width: int) -> None:
+    """A_r must split both widths evenly; called at job start-up (before any weight loads) and on every forward."""
+    _check_num_heads(num_relation_heads)
+    d_t, d_s = teacher_width, student_width
+    if d_t % num_relation_heads or d_s % num_relation_heads:
+        common = [str(k) for k in range(1, math.gcd(d_t, d_s) + 1) if d_t % k == 0 and d_s % k == 0]
+        raise ConfigError(
+            f"num_relation_heads={num_relation_heads} must divide both the teacher width {d_t} and the student "
+            f"width {d_s}; common divisors: {', '.join(common)}"
+        )
+
+
 def _check_inputs(teacher: QKV, student: QKV, attention_mask: Tensor | None, num_relation_heads: int) -> None:
     """Validate shapes and widths so that mistakes surface as ConfigError naming the offending sizes."""
     for side, qkv in (("teacher", teacher), ("student", student)):
@@ -97,14 +112,7 @@ def _check_inputs(teacher: QKV, student: QKV, attention_mask: Tensor | None, num
         devices.add(attention_mask.device)
     if len(devices) != 1:
         raise ConfigError(f"teacher, student and attention_mask must be on one device, got {sorted(map(str, devices))}")
-    _check_num_heads(num_relation_heads)
-    d_t, d_s = t_shape[2], s_shape[2]
-    if d_t % num_relation_heads or d_s % num_relation_heads:
-        common = [str(k) for k in range(1, math.gcd(d_t, d_s) + 1) if d_t % k == 0 and d_s % k == 0]
-        raise ConfigError(
-            f"num_relation_heads={num_relation_heads} must divide both the teacher width {d_t} and the student "
-            f"width {d_s}; common divisors: {', '.join(common)}"
-        )
+    check_relation_heads(num_relation_heads, t_shape[2], s_shape[2])
 
 
 def _compute_dtype(*tensors: Tensor) -> torch.dtype:
@@ -154,44 +162,56 @@ class _FusedRelationKL(torch.autograd.Function):
     ) -> Tensor:
         dtype = _compute_dtype(x_student, x_teacher)
         b, s, d_s = x_student.shape
-        y_s = _split_heads(x_student.detach(), valid, num_heads, dtype)
-        y_t = _split_heads(x_teacher.detach(), valid, num_heads, dtype)
+        bh = b * num_heads
+        # Heads flattened into the batch dimension: [B * A_r, S, d_r], so that every matmul is one bmm.
+        y_s = _split_heads(x_student.detach(), valid, num_heads, dtype).view(bh, s, -1)
+        y_t = _split_heads(x_teacher.detach(), valid, num_heads, dtype).view(bh, s, -1)
         scale_s = 1.0 / math.sqrt(y_s.shape[-1])
         scale_t = 1.0 / math.sqrt(y_t.shape[-1])
-        key_fill = _key_fill_mask(valid)
-        n_valid_rows = int(valid.sum())
-        normaliser = float(num_heads * max(n_valid_rows, 1))
-        # Per-row factor of the score gradient: 0 for padded query rows, else scale_s / normaliser (the 1/sqrt(d_r)
-        # of the student scores is folded in here, so the two gradient matmuls below use the unscaled heads).
-        row_coef = valid.to(dtype)[:, None, :, None] * (scale_s / normaliser)
-        y_s_t = y_s.transpose(-1, -2)
-        y_t_t = y_t.transpose(-1, -2)
+        key_fill = _key_fill_mask(valid)  # [B, 1, 1, S], broadcasts over the [B, A_r, rows, S] view of a chunk
+        row_pad = ~valid[:, None, :, None]  # [B, 1, S, 1]
+        has_padding = not bool(valid.all())
+        normaliser = float(num_heads * max(int(valid.sum()), 1))
+        y_s_t = y_s.transpose(1, 2)
+        y_t_t = y_t.transpose(1, 2)
         grad_y = torch.zeros_like(y_s) if need_grad else None
         kl_sum = torch.zeros((), dtype=dtype, device=x_student.device)
+        # Four [B * A_r, chunk, S] work buffers reused by every chunk: fresh allocations of this size cost page
+        # faults on every chunk. The last, shorter chunk uses a contiguous prefix of each buffer.
+        chunk = min(chunk_size, s)
+        buffers = torch.empty(4, bh * chunk * s, dtype=dtype, device=x_student.device)
 
-        for start in range(0, s, chunk_size):
-            rows = slice(start, min(start + chunk_size, s))
-            log_p = torch.log_softmax(
-                torch.matmul(y_t[:, :, rows] * scale_t, y_t_t).masked_fill_(key_fill, float("-inf")), dim=-1
-            )
-            log_q = torch.log_softmax(
-                torch.matmul(y_s[:, :, rows] * scale_s, y_s_t).masked_fill_(key_fill, float("-inf")), dim=-1
-            )
-            p = log_p.exp()
-            # p * (log p - log q), with masked columns (0 * (-inf - -inf)) forced to 0 instead of NaN.
-            kl_terms = log_p.sub_(log_q).masked_fill_(key_fill, 0.0).mul_(p)
-            kl_sum += (kl_terms.sum(dim=-1) * valid[:, None, rows]).sum()
-            del kl_terms
+        for start in range(0, s, chunk):
+            rows = slice(start, min(start + chunk, s))
+            n = rows.stop - start
+            buf_p, buf_log_p, buf_scores, buf_log_q = (buf[: bh * n * s].view(bh, n, s) for buf in buffers)
+            scores_t = torch.bmm(y_t[:, rows] * scale_t, y_t_t, out=buf_scores)
+            if has_padding:
+                scores_t.view(b, num_heads, n, s).masked_fill_(key_fill, float("-inf"))
+            log_p = torch.log_softmax(scores_t, dim=-1, out=buf_log_p)
+            p = torch.softmax(scores_t, dim=-1, out=buf_p)
+            scores_s = torch.bmm(y_s[:, rows] * scale_s, y_s_t, out=buf_scores)
+            if has_padding:
+                scores_s.view(b, num_heads, n, s).masked_fill_(key_fill, float("-inf"))
+            log_q = torch.log_softmax(scores_s, dim=-1, out=buf_log_q)
+            diff = log_p.sub_(log_q)
+            if has_padding:
+                # Padded keys hold -inf - -inf = NaN (where p is 0); padded query rows are excluded from the sum.
+                diff.view(b, num_heads, n, s).masked_fill_(key_fill | row_pad[:, :, rows], 0.0)
+            kl_sum += torch.dot(p.view(-1), diff.view(-1))
             if grad_y is not None:
-                # d loss / d scores = (softmax_S - p_T) per valid row; scores = scale * Y Y^T, so Y gets a row term
-                # (chunk rows, against all keys) and a column term (all rows, against the chunk's rows).
-                grad_scores = log_q.exp_().sub_(p).mul_(row_coef[:, :, rows])
-                grad_y[:, :, rows] += torch.matmul(grad_scores, y_s)
-                grad_y += torch.matmul(grad_scores.transpose(-1, -2), y_s[:, :, rows])
-            del log_p, log_q, p
+                # d loss / d scores = (softmax_S - p_T) / normaliser; scores = scale * Y Y^T, so Y gets a row term
+                # (chunk rows, against all keys) and a column term (all rows, against the chunk's rows). The
+                # constant scale / normaliser is applied once after the loop. Padded query rows need no mask here:
+                # their Y rows are zero, so the column term gets nothing from them and the row term only reaches
+                # padded rows, which are zeroed below.
+                grad_scores = torch.softmax(scores_s, dim=-1, out=buf_log_q).sub_(p)
+                grad_y[:, rows] += torch.bmm(grad_scores, y_s)
+                grad_y.baddbmm_(grad_scores.transpose(1, 2), y_s[:, rows])
 
         if grad_y is not None:
-            ctx.save_for_backward(grad_y.transpose(1, 2).reshape(b, s, d_s))
+            grad_x = grad_y.view(b, num_heads, s, -1).transpose(1, 2).reshape(b, s, d_s)
+            ctx.save_for_backward(torch.where(valid.unsqueeze(-1), grad_x * (scale_s / normaliser), 0.0))
         ctx.student_dtype = x_student.dtype
         return kl_sum / normaliser
 
@@ -211,13 +231,15 @@ class RelationLoss(nn.Module):
     transient memory is B * A_r * chunk_size * S floats per live intermediate).
     """
 
-    def __init__(self, num_relation_heads: int, weights: dict[str, float] | None = None, chunk_size: int = 128):
+    def __init__(self, num_relation_heads: int, weights: dict[str, float] | None = None, chunk_size: int = 64):
         super().__init__()
         _check_num_heads(num_relation_heads)
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
             raise ConfigError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
         self.num_relation_heads = num_relation_heads
         self.weights = _check_weights(weights)
+        if not any(self.weights.values()):
+            raise ConfigError(f"all relation weights are 0 ({self.weights}); at least one must be > 0")
         self.chunk_size = chunk_size
 
     def extra_repr(self) -> str:
@@ -229,7 +251,7 @@ class RelationLoss(nn.Module):
         # The fused gradient is only worth computing when autograd will ask for it.
         grad_enabled = torch.is_grad_enabled()
         per_relation: dict[str, Tensor] = {}
-        total: Tensor | None = None
+        losses: list[Tensor] = []
         with torch.autocast(device_type=student[0].device.type, enabled=False):
             for name, x_t, x_s in zip(RELATIONS, teacher, student):
                 weight = self.weights[name]
@@ -240,10 +262,8 @@ class RelationLoss(nn.Module):
                 loss = _FusedRelationKL.apply(x_s, x_t, valid, self.num_relation_heads, self.chunk_size, need_grad)
                 per_relation[name] = loss.detach()
                 if weight != 0.0:
-                    total = loss * weight if total is None else total + loss * weight
-        if total is None:
-            total = torch.zeros((), dtype=_compute_dtype(*student), device=student[0].device)
-        return RelationLossOutput(total=total, per_relation=per_relation)
+                    losses.append(loss * weight)
+        return RelationLossOutput(total=torch.stack(losses).sum(), per_relation=per_relation)
 
 
 def reference_relation_loss(

@@ -24,10 +24,10 @@ import torch.distributed as dist
 from arc_dist.config import DistillJobConfig, OptimConfig, save_config
 from arc_dist.data.corpus import validate_corpus
 from arc_dist.data.stream import build_stream_loader
-from arc_dist.distill.relation_loss import RelationLoss
+from arc_dist.distill.relation_loss import RelationLoss, check_relation_heads
 from arc_dist.engine.checkpoint import Checkpointer
 from arc_dist.engine.distributed import init_distributed, load_ds_config, resolve_dtype, zero_stage
-from arc_dist.engine.preemption import PreemptionHandler
+from arc_dist.engine.preemption import STOP_FILE, PreemptionHandler
 from arc_dist.metrics import (
     MetricsLogger,
     Throughput,
@@ -45,7 +45,7 @@ from arc_dist.models.builders import (
     load_tokenizer,
     resolve_teacher_layer,
 )
-from arc_dist.models.export import export_encoder
+from arc_dist.models.export import export_hf_model
 from arc_dist.models.family import QKVExtractor
 
 log = logging.getLogger("arc_dist")
@@ -68,7 +68,7 @@ def plan_stage1(cfg: DistillJobConfig, world_size: int):
     tokenizer = load_tokenizer(cfg.teacher.path)
     layer = resolve_teacher_layer(cfg.teacher.layer, tcfg.num_hidden_layers)
     heads = cfg.loss.relation_heads or default_relation_heads(tcfg.hidden_size, cfg.student.hidden)
-    RelationLoss.check_widths(heads, tcfg.hidden_size, cfg.student.hidden)
+    check_relation_heads(heads, tcfg.hidden_size, cfg.student.hidden)
     validate_corpus(cfg.data.path, tokenizer=tokenizer, seq_len=cfg.data.seq_len, world_size=world_size,
                     num_workers=cfg.data.num_workers)
     plan = Stage1Plan(layer, heads, tcfg.hidden_size, tcfg.intermediate_size, resolve_dtype(cfg.train.precision))
@@ -136,7 +136,7 @@ def train(cfg: DistillJobConfig) -> dict[str, Any]:
     metrics = MetricsLogger(run_dir / "tensorboard", env.rank, cfg.train.steps, start_step, cfg.metrics.progress_bar)
     peak_tflops = cfg.metrics.peak_tflops or measure_matmul_tflops(env.device, plan.dtype)
     flops_per_token = stage1_flops_per_token(cfg, plan)
-    preemption = PreemptionHandler()
+    preemption = PreemptionHandler(run_dir / STOP_FILE)
     throughput = Throughput()
     step = start_step
     last_loss = float("nan")
@@ -178,6 +178,8 @@ def train(cfg: DistillJobConfig) -> dict[str, Any]:
             log.warning("stopping at step %d (%s); checkpoint written, resume continues from it", step,
                         preemption.signal_name or ("train.stop_at_step" if step == cfg.train.stop_at_step
                                                    else "stop requested on another rank"))
+            if env.is_main:
+                preemption.consume()
             break
 
     metrics.close()
@@ -187,8 +189,8 @@ def train(cfg: DistillJobConfig) -> dict[str, Any]:
                "teacher_params_total": total_parameter_count(teacher_engine.module)}
     if summary["completed"]:
         export_dir = run_dir / "student"
-        export_encoder(student_engine, student_model, tokenizer, export_dir, env.rank,
-                       extra={"arc_stage1": {**summary, "teacher": cfg.teacher.path}})
+        export_hf_model(student_engine, student_model, tokenizer, export_dir, env.rank,
+                        extra={"arc_stage1.json": {**summary, "teacher": cfg.teacher.path}})
         summary["export_dir"] = str(export_dir)
         log.info("exported student to %s; TensorBoard logs in %s", export_dir, run_dir / "tensorboard")
     if env.is_main:

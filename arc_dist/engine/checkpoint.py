@@ -54,11 +54,15 @@ class Checkpointer:
     def tag_for(step: int) -> str:
         return f"step_{step:08d}"
 
-    def save(self, engine, step: int, trainer_state: dict[str, Any]) -> str:
-        """Collective: every rank must call it. Returns the tag."""
+    def save(self, engine, step: int, trainer_state: dict[str, Any], exclude_frozen: bool = False) -> str:
+        """Collective: every rank must call it. Returns the tag.
+
+        `exclude_frozen` leaves frozen parameters (stage 2's teacher layers) out: they are reloaded from the
+        teacher's own directory, and would otherwise make every checkpoint as large as the teacher."""
         tag = self.tag_for(step)
         self.dir.mkdir(parents=True, exist_ok=True)
-        engine.save_checkpoint(str(self.dir), tag=tag, client_state={"trainer": trainer_state}, save_latest=False)
+        engine.save_checkpoint(str(self.dir), tag=tag, client_state={"trainer": trainer_state}, save_latest=False,
+                               exclude_frozen_parameters=exclude_frozen)
         torch.save({"rng": rng_state(), "trainer": trainer_state}, self.dir / tag / f"rank_{self.rank:05d}.pt")
         dist.barrier()
         if self.rank == 0:
@@ -89,7 +93,7 @@ class Checkpointer:
             )
         return resume
 
-    def load(self, engine, tag: str) -> dict[str, Any]:
+    def load(self, engine, tag: str, strict: bool = True) -> dict[str, Any]:
         """Collective. Restores the engine (model, optimizer, scheduler) and this rank's RNG; returns trainer state."""
         world = dist.get_world_size()
         saved_world = (self.dir / tag / COMPLETE).read_text().strip().removeprefix("world_size=")
@@ -98,7 +102,7 @@ class Checkpointer:
                 f"checkpoint {self.dir / tag} was written by {saved_world} ranks but this run has {world}: "
                 "resume with the same number of ranks (or consolidate it with zero_to_fp32 and start anew)"
             )
-        load_path, _ = engine.load_checkpoint(str(self.dir), tag=tag)
+        load_path, _ = engine.load_checkpoint(str(self.dir), tag=tag, load_module_strict=strict)
         if load_path is None:
             raise ConfigError(f"DeepSpeed could not load checkpoint {self.dir / tag}")
         own = torch.load(self.dir / tag / f"rank_{self.rank:05d}.pt", weights_only=False)

@@ -11,11 +11,12 @@ import torch
 import torch.distributed as dist
 
 
-def export_encoder(engine, model: torch.nn.Module, tokenizer, out_dir: str | Path, rank: int,
-                   extra: dict[str, Any] | None = None) -> None:
+def export_hf_model(engine, model: torch.nn.Module, tokenizer, out_dir: str | Path, rank: int,
+                    extra: dict[str, Any] | None = None) -> None:
     """Collective. Gathers ZeRO-3 partitions where needed; rank 0 writes fp32 weights, config and tokenizer.
 
-    The result loads with `AutoModel.from_pretrained(out_dir)` and no project code.
+    The result loads with `AutoModel.from_pretrained(out_dir)` (or the Auto class of its head) and no project code.
+    `extra` maps file names to JSON-serialisable objects written beside it (e.g. "metrics.json").
     """
     out_dir = Path(out_dir)
     params = list(model.parameters())
@@ -26,6 +27,6 @@ def export_encoder(engine, model: torch.nn.Module, tokenizer, out_dir: str | Pat
             model.config.dtype = "float32"
             model.save_pretrained(str(out_dir), state_dict=state)
             tokenizer.save_pretrained(str(out_dir))
-            if extra:
-                (out_dir / "arc_export.json").write_text(json.dumps(extra, indent=2, default=str))
+            for name, content in (extra or {}).items():
+                (out_dir / name).write_text(json.dumps(content, indent=2, default=str))
     dist.barrier()

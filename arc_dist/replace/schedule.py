@@ -7,54 +7,7 @@ training continues as plain fine-tuning of the student ("successor fine-tuning")
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
-
-from arc_dist.config import option
-from arc_dist.errors import ConfigError
-
-
-@dataclass
-class ReplacementScheduleConfig:
-    kind: Literal["constant", "linear"] = option(
-        "linear", "Replacement-rate schedule: 'linear' curriculum p = min(1, slope*t + base), or 'constant' p = rate."
-    )
-    rate: float = option(0.5, "Constant schedule: the replacement rate p, in (0, 1] (0.5-0.7 is robust; 0.1 is bad).")
-    switch_step: int | None = option(
-        None, "Constant schedule: optimizer step from which p = 1; default: replacing_steps."
-    )
-    base: float = option(0.3, "Linear schedule: p at step 0 (b), in (0, 1].")
-    slope: float | None = option(
-        None, "Linear schedule: increase of p per optimizer step (k); default (1 - base) / replacing_steps."
-    )
-    replacing_steps: int = option(
-        1000,
-        "Optimizer steps of the replacement phase; from this step on p = 1 and the student is fine-tuned alone "
-        "for the rest of train.steps.",
-    )
-
-    def validate(self, total_steps: int | None = None) -> None:
-        """Check ranges; with `total_steps` (train.steps) also check the replacement phase fits in training."""
-        if self.kind not in ("constant", "linear"):
-            raise ConfigError(f"replace.schedule.kind={self.kind!r} is not allowed; choose one of ['constant', 'linear']")
-        if not 0 < self.rate <= 1:
-            raise ConfigError(f"replace.schedule.rate={self.rate} must be in (0, 1]: at 0 no student layer would train")
-        if not 0 < self.base <= 1:
-            raise ConfigError(f"replace.schedule.base={self.base} must be in (0, 1]")
-        if self.slope is not None and self.slope <= 0:
-            raise ConfigError(f"replace.schedule.slope={self.slope} must be > 0 (or null for the default)")
-        if self.replacing_steps < 1:
-            raise ConfigError(f"replace.schedule.replacing_steps={self.replacing_steps} must be >= 1")
-        if self.switch_step is not None and not 0 <= self.switch_step <= self.replacing_steps:
-            raise ConfigError(
-                f"replace.schedule.switch_step={self.switch_step} must be in 0..replacing_steps="
-                f"{self.replacing_steps} (p is 1 after the replacement phase anyway)"
-            )
-        if total_steps is not None and self.replacing_steps > total_steps:
-            raise ConfigError(
-                f"replace.schedule.replacing_steps={self.replacing_steps} exceeds train.steps={total_steps}: "
-                "the replacement phase must fit inside training"
-            )
+from arc_dist.config import ReplacementScheduleConfig
 
 
 class ReplacementSchedule:
