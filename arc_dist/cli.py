@@ -1,7 +1,8 @@
 """`arc` command line: thin argument parsing that hands over to the library.
 
     arc prepare-corpus --tokenizer <teacher dir> --out <dir> <text files/dirs | hf:name[:config]> ...
-    arc distill --config configs/x.yaml [section.key=value ...]     (one process; use launchers/ for several)
+    arc distill | finetune-teacher | compress --config configs/x.yaml [section.key=value ...]
+        (one process; launchers/*.py under deepspeed or torchrun for several)
 
 Errors the user can fix (`ArcError`) are printed as one line, with exit code 2, instead of a stack trace.
 """
@@ -9,8 +10,8 @@ Errors the user can fix (`ArcError`) are printed as one line, with exit code 2, 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
-from collections.abc import Callable
 
 from arc_dist.errors import ArcError
 
@@ -26,14 +27,24 @@ def _job_parser(prog: str, description: str) -> argparse.ArgumentParser:
     return p
 
 
+# job name -> (config class, trainer function), as "module:attribute" so `arc --help` imports no torch.
+JOBS = {
+    "distill": ("arc_dist.config:DistillJobConfig", "arc_dist.distill.trainer:train"),
+    "finetune-teacher": ("arc_dist.config:FinetuneJobConfig", "arc_dist.replace.trainer:train_glue"),
+    "compress": ("arc_dist.config:CompressJobConfig", "arc_dist.replace.trainer:train_glue"),
+}
+
+
+def _resolve(target: str):
+    module, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
 def run_job(kind: str, argv: list[str]) -> int:
     """Parse a job's arguments, load and validate its config, run it. Used by `arc` and by launchers/*.py."""
-    from arc_dist.config import DistillJobConfig, describe, load_config
+    from arc_dist.config import describe, load_config
 
-    jobs: dict[str, tuple[type, Callable[[], Callable]]] = {
-        "distill": (DistillJobConfig, lambda: __import__("arc_dist.distill.trainer", fromlist=["train"]).train),
-    }
-    cls, trainer = jobs[kind]
+    cls = _resolve(JOBS[kind][0])
     args = _job_parser(f"arc {kind}", cls.__doc__ or "").parse_args(argv)
     if args.help_config:
         for key, default, text in describe(cls):
@@ -42,7 +53,7 @@ def run_job(kind: str, argv: list[str]) -> int:
     overrides = list(args.overrides) + ([f"checkpoint.resume={args.resume}"] if args.resume else [])
     try:
         cfg = load_config(cls, args.config, overrides)
-        trainer()(cfg)
+        _resolve(JOBS[kind][1])(cfg)
     except ArcError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -81,7 +92,7 @@ def prepare_corpus_main(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    commands = {"prepare-corpus": prepare_corpus_main, "distill": lambda a: run_job("distill", a)}
+    commands = {"prepare-corpus": prepare_corpus_main, **{job: (lambda a, j=job: run_job(j, a)) for job in JOBS}}
     if not argv or argv[0] not in commands:
         print(f"usage: arc {{{','.join(commands)}}} ...  (arc <command> --help)", file=sys.stderr)
         return 2

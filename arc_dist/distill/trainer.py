@@ -142,6 +142,7 @@ def train(cfg: DistillJobConfig) -> dict[str, Any]:
     last_loss = float("nan")
 
     # ---- the loop ----
+    student_engine.train()  # dropout on (a student loaded with student.init comes in eval mode)
     for step in range(start_step + 1, cfg.train.steps + 1):
         sums = torch.zeros(5, dtype=torch.float64)  # loss, qq, kk, vv summed over micro-steps; stop flag
         for _ in range(accum):

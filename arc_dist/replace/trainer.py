@@ -115,6 +115,8 @@ def train_glue(cfg: FinetuneJobConfig | CompressJobConfig) -> dict[str, Any]:
         train_set, collate_fn=lambda b: collate_glue(b, models.tokenizer.pad_token_id),
         batch_sampler=ResumableBatchSampler(len(train_set), mbs, env.rank, env.world_size, cfg.train.seed,
                                             start_batch=start_step * accum),
+        # Creating the iterator draws a seed; from a private generator, never the global RNG (dropout's stream).
+        generator=torch.Generator().manual_seed(cfg.train.seed),
     )
     batches = iter(loader)
     metrics = MetricsLogger(run_dir / "tensorboard", env.rank, cfg.train.steps, start_step, cfg.metrics.progress_bar)
@@ -126,6 +128,7 @@ def train_glue(cfg: FinetuneJobConfig | CompressJobConfig) -> dict[str, Any]:
     eval_metrics: dict[str, float] = {}
 
     # ---- the loop ----
+    engine.train()  # from_pretrained returns models in eval mode: dropout must be on from the first step
     for step in range(start_step + 1, cfg.train.steps + 1):
         t = step - 1  # optimizer steps completed before this one: the schedule's and sampler's clock
         rate, mask = 1.0, None

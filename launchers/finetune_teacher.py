@@ -1,0 +1,15 @@
+"""Teacher fine-tuning launcher (a GLUE task): parses arguments and calls the library.
+
+    deepspeed --num_gpus 2 launchers/finetune_teacher.py --config configs/finetune_minilm_sst2.yaml [section.key=value ...]
+    torchrun --nproc_per_node 2 launchers/finetune_teacher.py --config ...
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without `pip install -e`
+
+from arc_dist.cli import run_job  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(run_job("finetune-teacher", sys.argv[1:]))

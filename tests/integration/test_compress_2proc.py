@@ -1,0 +1,166 @@
+"""Stage 2 and teacher fine-tuning end to end on 2 CPU ranks: synchronised masks, schedules, resume, export."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+import yaml
+
+from helpers import WORDS, launch, make_bert, make_tokenizer, read_jsonl
+
+pytestmark = pytest.mark.slow
+
+STEPS, REPLACING = 40, 24
+
+
+def write_sst2(glue_dir, n_train=400, n_dev=60, seed=0):
+    """A learnable SST-2-format task: label 1 iff the sentence mentions 'river'."""
+    rng = random.Random(seed)
+    folder = glue_dir / "SST-2"
+    folder.mkdir(parents=True)
+    for split, n in (("train", n_train), ("dev", n_dev)):
+        rows = ["sentence\tlabel"]
+        for i in range(n):
+            words = rng.sample(WORDS, rng.randint(4, 12))
+            label = i % 2
+            words = [w for w in words if w != "river"] + (["river"] if label else [])
+            rng.shuffle(words)
+            rows.append(f"{' '.join(words)}\t{label}")
+        (folder / f"{split}.tsv").write_text("\n".join(rows) + "\n")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stage2")
+    write_sst2(root / "glue")
+    tok = make_tokenizer(root / "pretrained")
+    make_bert(root / "pretrained", vocab_size=len(tok), layers=4, hidden=128, heads=4, intermediate=256,
+              max_positions=64, seed=1)
+    tok.save_pretrained(root / "student_init")
+    make_bert(root / "student_init", vocab_size=len(tok), layers=2, hidden=64, heads=4, intermediate=128,
+              max_positions=64, seed=2)
+    common = {
+        "data": {"task": "sst2", "glue_dir": str(root / "glue"), "max_seq_len": 32, "eval_every_steps": 20,
+                 "eval_batch_size": 16},
+        "metrics": {"log_every": 1, "progress_bar": False},
+    }
+    finetune = {**common, "model": str(root / "pretrained"), "optim": {"lr": 1e-3},
+                "train": {"steps": 30, "micro_batch_size": 16, "precision": "fp32"},
+                "checkpoint": {"every_steps": 0}}
+    compress = {**common, "student": {"path": str(root / "student_init")},
+                "schedule": {"kind": "linear", "base": 0.3, "replacing_steps": REPLACING},
+                "optim": {"lr": 1e-3},
+                "train": {"steps": STEPS, "micro_batch_size": 8, "seed": 3, "precision": "fp32"},
+                "checkpoint": {"every_steps": 10, "keep_last": 2}}
+    (root / "finetune.yaml").write_text(yaml.safe_dump(finetune))
+    (root / "compress.yaml").write_text(yaml.safe_dump(compress))
+    return root
+
+
+@pytest.fixture(scope="module")
+def teacher(setup):
+    run_dir = setup / "teacher"
+    launch("launchers/finetune_teacher.py", ["--config", str(setup / "finetune.yaml"), f"run_dir={run_dir}"])
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def compressed(setup, teacher):
+    run_dir = setup / "compress"
+    launch("launchers/compress.py", ["--config", str(setup / "compress.yaml"), f"run_dir={run_dir}",
+                                     f"teacher={teacher / 'model'}"])
+    return run_dir
+
+
+def scalars(run_dir) -> dict[int, dict]:
+    out: dict[int, dict] = {}
+    for row in read_jsonl(run_dir / "tensorboard" / "scalars.jsonl"):
+        out.setdefault(row["step"], {}).update(row)
+    return out
+
+
+def reevaluate(model_dir, glue_dir) -> float:
+    """Accuracy of an exported classifier on the dev set, computed here with plain transformers."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from arc_dist.data.glue import read_glue_tsv
+
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    dev = read_glue_tsv(glue_dir, "sst2", "dev")
+    correct = 0
+    with torch.no_grad():
+        for ex in dev:
+            enc = tok(ex.text_a, truncation=True, max_length=32, return_tensors="pt")
+            correct += int(model(**enc).logits.argmax(-1).item() == ex.label)
+    return correct / len(dev)
+
+
+def test_finetuned_teacher_export_reproduces_metric(setup, teacher):
+    saved = json.loads((teacher / "model" / "metrics.json").read_text())
+    assert saved["accuracy"] > 0.8, f"teacher did not learn the synthetic task: {saved}"
+    assert reevaluate(teacher / "model", setup / "glue") == pytest.approx(saved["accuracy"], abs=1e-9)
+
+
+def test_masks_identical_across_ranks_and_schedule(compressed):
+    rows = read_jsonl(compressed / "masks.jsonl")
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    slope = (1 - 0.3) / REPLACING
+    for r in rows:
+        rank0, rank1 = r["masks"]
+        assert rank0 == rank1, f"ranks disagree at step {r['step']}"
+        t = r["step"] - 1
+        expected = 1.0 if t >= REPLACING else min(1.0, slope * t + 0.3)
+        assert r["rate"] == pytest.approx(expected), (t, r["rate"], expected)
+        assert any(rank0), "a step ran no student layer"
+        if t >= REPLACING:
+            assert all(rank0), f"p = 1 phase ran a teacher layer at step {r['step']}"
+    assert any(not all(r["masks"][0]) for r in rows if r["step"] <= REPLACING), "replacement never happened"
+    logged = scalars(compressed)
+    assert logged[1]["train/replacing_rate"] == pytest.approx(0.3)
+    assert logged[STEPS]["train/student_layers_active"] == 2.0
+
+
+def test_compress_export_has_no_adapters_and_reproduces_metric(setup, compressed):
+    from transformers import AutoModelForSequenceClassification
+
+    exported = AutoModelForSequenceClassification.from_pretrained(compressed / "student")
+    fresh = AutoModelForSequenceClassification.from_pretrained(setup / "student_init", num_labels=2)
+    assert set(exported.state_dict()) == set(fresh.state_dict())
+    assert exported.config.hidden_size == 64 and exported.config.num_hidden_layers == 2
+    saved = json.loads((compressed / "student" / "metrics.json").read_text())
+    assert reevaluate(compressed / "student", setup / "glue") == pytest.approx(saved["accuracy"], abs=1e-9)
+    best = json.loads((compressed / "best" / "metrics.json").read_text())
+    assert best["accuracy"] >= saved["accuracy"]
+    tb = scalars(compressed)
+    assert {"eval/accuracy", "perf/samples_per_sec", "train/lr", "train/loss"} <= set(tb[STEPS])
+
+
+def test_resume_reproduces_masks_rates_losses(setup, teacher, compressed):
+    run_dir = setup / "compress_resumed"
+    args = ["--config", str(setup / "compress.yaml"), f"run_dir={run_dir}", f"teacher={teacher / 'model'}"]
+    launch("launchers/compress.py", [*args, "train.stop_at_step=15"])
+    assert max(scalars(run_dir)) == 15
+    launch("launchers/compress.py", [*args, "--resume", "auto"])
+    full, resumed = scalars(compressed), scalars(run_dir)
+    full_masks = {r["step"]: r for r in read_jsonl(compressed / "masks.jsonl")}
+    resumed_masks = {r["step"]: r for r in read_jsonl(run_dir / "masks.jsonl")}
+    for step in range(16, STEPS + 1):
+        assert resumed_masks[step] == full_masks[step]
+        assert resumed[step]["train/loss"] == pytest.approx(full[step]["train/loss"], rel=1e-6, abs=1e-9), step
+
+
+def test_zero3_compress_through_torchrun(setup, teacher):
+    run_dir = setup / "compress_zero3"
+    launch("launchers/compress.py", ["--config", str(setup / "compress.yaml"), f"run_dir={run_dir}",
+                                     f"teacher={teacher / 'model'}", "train.steps=12",
+                                     "schedule.replacing_steps=8", "data.eval_every_steps=0",
+                                     "checkpoint.every_steps=0",
+                                     "train.student_ds_config=ds_configs/student_zero3.json"],
+           launcher="torchrun", timeout=400)
+    rows = read_jsonl(run_dir / "masks.jsonl")
+    assert len(rows) == 12 and all(r["masks"][0] == r["masks"][1] for r in rows)
+    assert (run_dir / "student" / "config.json").is_file()
