@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml constraints.txt
 	rm -f $(VENV)/.installed-* && touch $@
 
 demo: venv
-	$(BIN)/python -m arc_dist.demo --text $(DATA)/wikitext-2-raw --out demo_out
+	$(BIN)/python -m arc_dist.demo $(ARGS)
 
 test: venv
 	$(BIN)/python -m pytest -q tests

@@ -1,8 +1,10 @@
 """`arc` command line: thin argument parsing that hands over to the library.
 
     arc prepare-corpus --tokenizer <teacher dir> --out <dir> <text files/dirs | hf:name[:config]> ...
-    arc distill | finetune-teacher | compress --config configs/x.yaml [section.key=value ...]
-        (one process; launchers/*.py under deepspeed or torchrun for several)
+    arc compress --teacher <dir> --task sst2 --text <corpus> ...   the whole pipeline (arc_dist/pipeline.py)
+    arc distill | finetune-teacher | replace --config configs/x.yaml [section.key=value ...]
+        single stages in one process; launchers/{distill,finetune_teacher,compress}.py run them under
+        deepspeed or torchrun on several ranks (compress.py is stage 2, `arc replace`)
 
 Errors the user can fix (`ArcError`) are printed as one line, with exit code 2, instead of a stack trace.
 """
@@ -31,7 +33,7 @@ def _job_parser(prog: str, description: str) -> argparse.ArgumentParser:
 JOBS = {
     "distill": ("arc_dist.config:DistillJobConfig", "arc_dist.distill.trainer:train"),
     "finetune-teacher": ("arc_dist.config:FinetuneJobConfig", "arc_dist.replace.trainer:train_glue"),
-    "compress": ("arc_dist.config:CompressJobConfig", "arc_dist.replace.trainer:train_glue"),
+    "replace": ("arc_dist.config:CompressJobConfig", "arc_dist.replace.trainer:train_glue"),
 }
 
 
@@ -45,7 +47,7 @@ def run_job(kind: str, argv: list[str]) -> int:
     from arc_dist.config import describe, load_config
 
     cls = _resolve(JOBS[kind][0])
-    args = _job_parser(f"arc {kind}", cls.__doc__ or "").parse_args(argv)
+    args = _job_parser(f"arc {kind}", cls.__doc__ or "").parse_intermixed_args(argv)
     if args.help_config:
         for key, default, text in describe(cls):
             print(f"{key:40s} {default:28s} {text}")
@@ -92,7 +94,10 @@ def prepare_corpus_main(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    commands = {"prepare-corpus": prepare_corpus_main, **{job: (lambda a, j=job: run_job(j, a)) for job in JOBS}}
+    from arc_dist import pipeline
+
+    commands = {"prepare-corpus": prepare_corpus_main, "compress": pipeline.main,
+                **{job: (lambda a, j=job: run_job(j, a)) for job in JOBS}}
     if not argv or argv[0] not in commands:
         print(f"usage: arc {{{','.join(commands)}}} ...  (arc <command> --help)", file=sys.stderr)
         return 2

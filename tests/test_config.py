@@ -80,3 +80,33 @@ def test_shipped_configs_load():
     for path in shipped:
         cfg = load_config(DistillJobConfig, path, ["teacher.path=/x", "data.path=/y"])
         assert dataclasses.is_dataclass(cfg)
+
+
+# Property-based: whatever a user writes, the loader either builds a config or raises ConfigError.
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from arc_dist.config import CompressJobConfig, FinetuneJobConfig  # noqa: E402
+
+_keys = st.sampled_from([k for cls in (DistillJobConfig, CompressJobConfig) for k, _, _ in describe(cls)]
+                        + ["train", "nope", "train.nope", "loss.relation_heads.x", ""])
+_values = st.one_of(st.none(), st.booleans(), st.integers(-5, 10**6), st.floats(allow_nan=True),
+                    st.text(max_size=12), st.lists(st.integers(-3, 30), max_size=4))
+_yaml_text = st.one_of(st.text(max_size=200),
+                       st.dictionaries(st.sampled_from(["train", "student", "loss", "data", "x"]),
+                                       st.dictionaries(st.text(max_size=8), _values, max_size=3), max_size=3)
+                       .map(yaml.safe_dump))
+
+
+@settings(max_examples=300, deadline=None)
+@given(cls=st.sampled_from([DistillJobConfig, CompressJobConfig, FinetuneJobConfig]),
+       text=_yaml_text, pairs=st.lists(st.tuples(_keys, _values), max_size=4))
+def test_fuzz_loader_loads_or_raises_config_error(tmp_path_factory, cls, text, pairs):
+    path = tmp_path_factory.mktemp("fuzz") / "c.yaml"
+    path.write_text(text)
+    overrides = [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
+                 for k, v in pairs]
+    try:
+        load_config(cls, path, overrides)
+    except ConfigError:
+        pass

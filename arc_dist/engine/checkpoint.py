@@ -13,9 +13,11 @@ engine and a dict of its own state.
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,8 @@ import torch
 import torch.distributed as dist
 
 from arc_dist.errors import ConfigError
+
+log = logging.getLogger("arc_dist")
 
 COMPLETE = "COMPLETE"
 LATEST = "latest"
@@ -79,19 +83,46 @@ class Checkpointer:
         if resume == "none":
             return None
         if resume == "auto":
-            latest = self.dir / LATEST
-            if latest.is_file():
-                tag = latest.read_text().strip()
-                if (self.dir / tag / COMPLETE).is_file():
+            # Newest first; `latest` normally names the newest complete one, but a checkpoint damaged after it was
+            # completed (a truncated copy, a lost shard) is reported and the previous complete one is used.
+            for tag in reversed(self.complete_tags()):
+                problem = self.verify(tag)
+                if problem is None:
                     return tag
-            complete = self.complete_tags()
-            return complete[-1] if complete else None
+                log.warning("checkpoint %s is unusable (%s); trying the previous one", self.dir / tag, problem)
+            return None
         if not (self.dir / resume / COMPLETE).is_file():
             raise ConfigError(
                 f"checkpoint.resume={resume!r}: no complete checkpoint {self.dir / resume}; "
                 f"complete ones: {self.complete_tags() or 'none'}"
             )
+        problem = self.verify(resume)
+        if problem is not None:
+            raise ConfigError(f"checkpoint {self.dir / resume} is unusable: {problem}")
         return resume
+
+    def verify(self, tag: str) -> str | None:
+        """None if every file the checkpoint needs is present and intact (zip CRCs), else what is wrong."""
+        folder = self.dir / tag
+        world = int((folder / COMPLETE).read_text().strip().removeprefix("world_size="))
+        expected = [folder / f"rank_{r:05d}.pt" for r in range(world)]
+        model_states = sorted(folder.glob("*model_states.pt"))
+        optim_states = sorted(folder.glob("*optim_states.pt"))
+        if not model_states:
+            return "no model_states file"
+        if optim_states and len(optim_states) != world:
+            return f"{len(optim_states)} optimizer shards for {world} ranks"
+        for path in expected + model_states + optim_states:
+            if not path.is_file():
+                return f"{path.name} is missing"
+            try:
+                with zipfile.ZipFile(path) as archive:
+                    bad = archive.testzip()
+            except (zipfile.BadZipFile, OSError) as e:
+                return f"{path.name} is corrupt ({e})"
+            if bad is not None:
+                return f"{path.name} is corrupt (member {bad})"
+        return None
 
     def load(self, engine, tag: str, strict: bool = True) -> dict[str, Any]:
         """Collective. Restores the engine (model, optimizer, scheduler) and this rank's RNG; returns trainer state."""

@@ -153,12 +153,13 @@ def test_resume_reproduces_masks_rates_losses(setup, teacher, compressed):
         assert resumed[step]["train/loss"] == pytest.approx(full[step]["train/loss"], rel=1e-6, abs=1e-9), step
 
 
-def test_zero3_compress_through_torchrun(setup, teacher):
+def test_zero3_compress_with_logit_kd_through_torchrun(setup, teacher):
+    """ZeRO-3 student engine and a ZeRO-3 inference teacher for logit KD: no hang, agreeing masks, an export."""
     run_dir = setup / "compress_zero3"
     launch("launchers/compress.py", ["--config", str(setup / "compress.yaml"), f"run_dir={run_dir}",
                                      f"teacher={teacher / 'model'}", "train.steps=12",
                                      "schedule.replacing_steps=8", "data.eval_every_steps=0",
-                                     "checkpoint.every_steps=0",
+                                     "checkpoint.every_steps=0", "kd.weight=0.5", "kd.temperature=2.0",
                                      "train.student_ds_config=ds_configs/student_zero3.json"],
            launcher="torchrun", timeout=400)
     rows = read_jsonl(run_dir / "masks.jsonl")

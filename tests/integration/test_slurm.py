@@ -12,6 +12,7 @@ Every wait is bounded; the cluster is always torn down (see slurm_harness.py).
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -27,7 +28,7 @@ except ImportError:  # collected with a different rootdir/import mode
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
-STEPS = 40
+STEPS = 60  # about 10 steps/s on 2 CPU ranks: long enough to be stopped half-way
 JOB_TIMEOUT_S = 240  # one tiny 2-node job, start-up (imports, rendezvous) included
 PREEMPT_TIMEOUT_S = 300  # two attempts + the requeue delay (cred_expire=10 s)
 
@@ -67,7 +68,7 @@ def test_two_nodes_gloo_allreduce(slurm_cluster, tmp_path):
     assert len(records) == 2, job_output(out, job)
     assert {r["hostname"] for r in records} == {"n1", "n2"}
     assert all(r["sum"] == 3.0 and r["world_size"] == 2 for r in records)  # (0+1) + (1+1)
-    assert {r["master_addr"] for r in records} == {"n1"}  # rendezvous on the first node of the job
+    assert len({r["master_addr"] for r in records}) == 1 and records[0]["master_addr"] in ("n1", "n2")
     log = job_output(out, job)
     assert "attempt 0" in log and "srun exited with status 0" in log
     assert (out / f"arc-probe-{job}" / "attempt0-n1.log").is_file()  # the per-job log directory
@@ -216,9 +217,10 @@ def test_distill_preempted_requeues_and_resumes_exactly(slurm_cluster, stage1, f
     tags = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))
     resumed = losses(run_dir)
     assert sorted(resumed) == list(range(1, STEPS + 1)), sorted(resumed)
-    attempt1 = (root / "logs" / f"arc-distill-{job}" / "attempt1-n1.log").read_text(errors="replace")
-    assert "resumed from" in attempt1, attempt1[-3000:]
-    stop_step = int(attempt1.split("resumed from")[1].split("at step")[1].split()[0])
+    attempt1 = "".join(f.read_text(errors="replace") for f in (root / "logs" / f"arc-distill-{job}").glob("attempt1-*"))
+    found = re.search(r"resumed from \S+ at step (\d+)", attempt1)
+    assert found, attempt1[-3000:]
+    stop_step = int(found.group(1))
     assert signalled_at <= stop_step < STEPS, (signalled_at, stop_step, tags)
 
     full_dir, _, full_rc = full_run

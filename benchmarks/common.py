@@ -1,0 +1,174 @@
+"""Shared pieces of the benchmark scripts: repo path set-up, thread count, tiny random models for --quick, the
+synthetic GLUE folder, alternating timing of training steps, and writing the final JSON report.
+
+Importing this module puts the repository root on sys.path (a script run as `python benchmarks/x.py` only gets
+benchmarks/ there), so `arc_dist` imports work from a checkout without `pip install -e`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import statistics
+import string
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+SHARED_DATA = REPO.parent / "shared" / "data"
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if not torch.cuda.is_available():
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def quiet_transformers() -> None:
+    """No weight-loading progress bars or info lines in the benchmark output."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+WORDS = (
+    "the of and to in a is was for on as with by he she at from his her it an were are which this that be or has "
+    "had first new city river music war game year time people world team season film song album north south "
+    "east west old young great small king queen church school state house party line road park"
+).split()
+
+
+def use_all_threads() -> int:
+    """torch intra-op threads = every core of the machine (the benchmarks run one process); returns the count."""
+    threads = max(1, os.cpu_count() or 1)
+    torch.set_num_threads(threads)
+    quiet_transformers()
+    return threads
+
+
+def device_for(name: str | None = None) -> torch.device:
+    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+def device_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({cpu_name()}, {os.cpu_count()} cores)"
+
+
+def alternate_medians(steps: dict[str, Callable[[], None]], repeats: int, warmup: int, device: torch.device
+                      ) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """Median seconds per call of each step, the steps called alternately (order reversed every repetition, so
+    neither side always runs right after the other); `warmup` untimed rounds first. Returns (medians, samples)."""
+    names = list(steps)
+    for _ in range(warmup):
+        for name in names:
+            steps[name]()
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for rep in range(repeats):
+        for name in names if rep % 2 == 0 else names[::-1]:
+            sync(device)
+            t0 = time.perf_counter()
+            steps[name]()
+            sync(device)
+            samples[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(v) for name, v in samples.items()}, samples
+
+
+def write_report(report: dict, out: Path) -> None:
+    """Write the report to `out` and print it as the last stdout line (the benchmarks' common contract)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report), flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tiny random models and data for --quick (the same recipe as tests/helpers.py: real tokenizer, real HF model)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def make_tiny_tokenizer(out_dir: Path):
+    from transformers import BertTokenizer
+
+    chars = string.ascii_lowercase + string.digits + string.punctuation
+    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list(chars) + ["##" + c for c in chars] + WORDS
+    vocab = {t: i for i, t in enumerate(dict.fromkeys(tokens))}
+    tok = BertTokenizer(vocab=vocab, do_lower_case=True, model_max_length=512)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tok.save_pretrained(str(out_dir))
+    return tok
+
+
+def make_tiny_pretrained(out_dir: Path, *, layers: int = 4, hidden: int = 64, heads: int = 4,
+                         intermediate: int = 128, max_positions: int = 128, seed: int = 0) -> Path:
+    """A randomly initialised BERT and its tokenizer saved as a pre-trained Hugging Face directory."""
+    from transformers import AutoConfig, AutoModel
+
+    tok = make_tiny_tokenizer(out_dir)
+    torch.manual_seed(seed)
+    cfg = AutoConfig.for_model("bert", vocab_size=len(tok), hidden_size=hidden, num_hidden_layers=layers,
+                               num_attention_heads=heads, intermediate_size=intermediate,
+                               max_position_embeddings=max_positions)
+    AutoModel.from_config(cfg).save_pretrained(str(out_dir))
+    return out_dir
+
+
+def synthetic_text(path: Path, n_lines: int = 400, seed: int = 0) -> Path:
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(n_lines):
+        n = rng.randint(5, 30)
+        start = rng.randrange(len(WORDS))
+        lines.append(" ".join(WORDS[(start + i * rng.choice([1, 1, 2, 3])) % len(WORDS)] for i in range(n)) + " .")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def write_synthetic_glue(glue_dir: Path, n_train: int = 200, n_dev: int = 48, seed: int = 0) -> list[str]:
+    """Two learnable tasks in the official glue_data layout: SST-2 (label 1 iff the sentence mentions 'river')
+    and RTE (entailment iff the hypothesis' words all occur in the premise). Returns the task names."""
+    rng = random.Random(seed)
+    sst2 = glue_dir / "SST-2"
+    sst2.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("dev", n_dev)):
+        rows = ["sentence\tlabel"]
+        for i in range(n):
+            words = [w for w in rng.sample(WORDS, rng.randint(4, 12)) if w != "river"]
+            label = i % 2
+            words += ["river"] if label else []
+            rng.shuffle(words)
+            rows.append(f"{' '.join(words)}\t{label}")
+        (sst2 / f"{split}.tsv").write_text("\n".join(rows) + "\n")
+    rte = glue_dir / "RTE"
+    rte.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("dev", n_dev)):
+        rows = ["index\tsentence1\tsentence2\tlabel"]
+        for i in range(n):
+            premise = rng.sample(WORDS, rng.randint(6, 12))
+            entail = i % 2 == 0
+            hyp = rng.sample(premise, 3) if entail else rng.sample([w for w in WORDS if w not in premise], 3)
+            rows.append(f"{i}\t{' '.join(premise)}\t{' '.join(hyp)}\t{'entailment' if entail else 'not_entailment'}")
+        (rte / f"{split}.tsv").write_text("\n".join(rows) + "\n")
+    return ["sst2", "rte"]
