@@ -54,6 +54,10 @@ class StudentConfig:
     init: str | None = option(
         None, "Optional Hugging Face directory to initialise the student from (its sizes must match); default random."
     )
+    embeddings_from_teacher: bool = option(
+        False, "Copy the teacher's embeddings (word, position, type, LayerNorm) into a random student of the same "
+        "width: short runs converge much faster. MiniLMv2 trains them from scratch (the default).",
+    )
 
 
 @dataclass

@@ -150,10 +150,14 @@ def main(argv: list[str] | None = None) -> int:
         if student is None:
             from arc_dist.demo import ensure_corpus
 
-            corpus = ensure_corpus(args.text, Path(args.teacher or teacher), out / "corpus", seq_len=128,
+            from arc_dist.models.builders import load_model_config
+
+            pretrained = Path(args.teacher).resolve() if args.teacher else teacher
+            same_width = load_model_config(str(pretrained)).hidden_size == args.student_hidden
+            corpus = ensure_corpus(args.text, pretrained, out / "corpus", seq_len=128,
                                    min_shards=max(4, 2 * args.nprocs))
             run_stage("distill", REPO / "configs" / "distill_minilm.yaml", out / "stage1",
-                      [f"teacher.path={Path(args.teacher).resolve() if args.teacher else teacher}",
+                      [f"teacher.path={pretrained}", f"student.embeddings_from_teacher={str(same_width).lower()}",
                        f"data.path={corpus}", f"student.layers={args.student_layers}",
                        f"student.hidden={args.student_hidden}", f"student.heads={args.student_heads}",
                        f"student.intermediate={4 * args.student_hidden}", *extra["distill"]], args.nprocs)

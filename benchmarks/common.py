@@ -26,6 +26,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# DeepSpeed JIT-builds its CPU comm op on first use; the Makefile and the tests cache it here, so should we.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
 if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
@@ -94,6 +96,21 @@ def alternate_medians(steps: dict[str, Callable[[], None]], repeats: int, warmup
             sync(device)
             samples[name].append(time.perf_counter() - t0)
     return {name: statistics.median(v) for name, v in samples.items()}, samples
+
+
+def random_batch(tokenizer, vocab_size: int, batch: int, seq_len: int, seed: int, device: torch.device
+                 ) -> dict[str, torch.Tensor]:
+    """[CLS] random ordinary word pieces [SEP], no padding: every position is a real token (speed does not depend
+    on which tokens they are)."""
+    g = torch.Generator().manual_seed(seed)
+    low = max(tokenizer.all_special_ids) + 1
+    if vocab_size > 2000:
+        low = max(low, 1000)  # BERT vocabularies keep [unusedN] pieces below ~1000
+    ids = torch.randint(low, vocab_size, (batch, seq_len), generator=g)
+    ids[:, 0] = tokenizer.cls_token_id
+    ids[:, -1] = tokenizer.sep_token_id
+    return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids, device=device),
+            "token_type_ids": torch.zeros_like(ids, device=device)}
 
 
 def write_report(report: dict, out: Path) -> None:

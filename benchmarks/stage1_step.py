@@ -37,6 +37,7 @@ from common import (
     device_description,
     device_for,
     make_tiny_pretrained,
+    random_batch,
     use_all_threads,
     write_report,
 )
@@ -90,19 +91,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def make_batch(tokenizer, vocab_size: int, batch: int, seq_len: int, seed: int, device: torch.device):
-    """[CLS] random ordinary word pieces [SEP]: every position a real token (no padding)."""
-    g = torch.Generator().manual_seed(seed)
-    specials = set(tokenizer.all_special_ids)
-    low = max(specials) + 1
-    if vocab_size > 2000:
-        low = max(low, 1000)  # BERT vocabularies keep [unusedN] pieces below ~1000
-    ids = torch.randint(low, vocab_size, (batch, seq_len), generator=g)
-    ids[:, 0] = tokenizer.cls_token_id
-    ids[:, -1] = tokenizer.sep_token_id
-    return ids.to(device), torch.ones(batch, seq_len, dtype=torch.long, device=device)
-
-
 class Steps:
     """The two stage-1 training steps on the same batch, each with its own (identically initialised) student."""
 
@@ -117,8 +105,8 @@ class Steps:
         self.job_cfg = DistillJobConfig(student=self.student_cfg, data=CorpusConfig(seq_len=args.seq_len))
         self.tcfg = tcfg
         tokenizer = load_tokenizer(teacher_path)
-        self.input_ids, self.mask = make_batch(tokenizer, tcfg.vocab_size, args.batch, args.seq_len, args.seed,
-                                               device)
+        batch = random_batch(tokenizer, tcfg.vocab_size, args.batch, args.seq_len, args.seed, device)
+        self.input_ids, self.mask = batch["input_ids"], batch["attention_mask"]
         optim = OptimConfig()
 
         # ---- project: truncated teacher, Q/K/V-only student, fused loss ----

@@ -110,3 +110,12 @@ def test_fuzz_loader_loads_or_raises_config_error(tmp_path_factory, cls, text, p
         load_config(cls, path, overrides)
     except ConfigError:
         pass
+
+
+def test_readme_documents_every_config_key():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for cls in (DistillJobConfig, CompressJobConfig, FinetuneJobConfig):
+        for key, _, _ in describe(cls):
+            assert f"| `{key}` |" in readme, f"README's config reference lacks {key}"

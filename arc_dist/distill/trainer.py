@@ -102,7 +102,7 @@ def train(cfg: DistillJobConfig) -> dict[str, Any]:
              zero_stage(teacher_ds), held, total_parameter_count(teacher_engine.module))
 
     # ---- student: same family and vocabulary, last layer feeds only Q/K/V to the loss ----
-    student_model, family = build_student(teacher_config, cfg.student, cfg.train.seed)
+    student_model, family = build_student(teacher_config, cfg.student, cfg.train.seed, cfg.teacher.path)
     student = QKVExtractor(student_model, family, cfg.student.layers - 1)
     frozen = freeze_unused_student_params(student)
     optimizer = build_optimizer(student, cfg.optim)

@@ -84,9 +84,10 @@ def load_teacher_qkv(path: str, layer: int, ds_config: dict[str, Any] | None, dt
 
 
 def build_student(
-    teacher_config: PretrainedConfig, cfg: StudentConfig, seed: int
+    teacher_config: PretrainedConfig, cfg: StudentConfig, seed: int, teacher_path: str | None = None
 ) -> tuple[nn.Module, FamilyAdapter]:
-    """A student of the teacher's family and vocabulary, sized by `cfg`; random init or from `cfg.init`."""
+    """A student of the teacher's family and vocabulary, sized by `cfg`; random init or from `cfg.init`,
+    optionally with the teacher's embeddings (`cfg.embeddings_from_teacher`, read from `teacher_path`)."""
     family = family_for(teacher_config)
     if cfg.init:
         model = AutoModel.from_pretrained(cfg.init)
@@ -109,7 +110,19 @@ def build_student(
         teacher_config.model_type, **{**_family_fields(teacher_config), **overrides}
     )
     torch.manual_seed(seed)
-    return AutoModel.from_config(student_config), family
+    student = AutoModel.from_config(student_config)
+    if cfg.embeddings_from_teacher:
+        if teacher_config.hidden_size != cfg.hidden or teacher_path is None:
+            raise ConfigError(
+                f"student.embeddings_from_teacher needs student.hidden == the teacher's width "
+                f"({teacher_config.hidden_size}), got {cfg.hidden}"
+            )
+        # A 0-layer copy of the teacher loads its embeddings and nothing else.
+        embed_only = load_model_config(teacher_path)
+        embed_only.num_hidden_layers = 0
+        source = AutoModel.from_pretrained(teacher_path, config=embed_only)
+        student.embeddings.load_state_dict(source.embeddings.state_dict())
+    return student, family
 
 
 def freeze_unused_student_params(extractor: QKVExtractor) -> list[str]:

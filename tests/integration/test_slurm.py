@@ -22,9 +22,9 @@ import yaml
 from helpers import REPO, make_teacher_dir, read_jsonl, synthetic_text
 
 try:
-    from slurm_harness import slurm_cluster  # noqa: F401  (the session fixture)
+    from slurm_harness import slurm_cluster, timeline  # noqa: F401  (slurm_cluster: the session fixture)
 except ImportError:  # collected with a different rootdir/import mode
-    from integration.slurm_harness import slurm_cluster  # noqa: F401
+    from integration.slurm_harness import slurm_cluster, timeline  # noqa: F401
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -166,10 +166,11 @@ def full_run(slurm_cluster, stage1):
     root, config = stage1
     run_dir = root / "full"
     t0 = time.monotonic()
-    job, rc = slurm_cluster.sbatch(REPO / "slurm" / "distill_large.sbatch", options=distill_options(root),
-                                   env=distill_env(slurm_cluster, root, config, run_dir), wait=True,
-                                   timeout=JOB_TIMEOUT_S)
-    print(f"uninterrupted distill job {job}: {time.monotonic() - t0:.1f}s")
+    job, rc, info = slurm_cluster.submit_and_wait(REPO / "slurm" / "distill_large.sbatch",
+                                                  options=distill_options(root),
+                                                  env=distill_env(slurm_cluster, root, config, run_dir),
+                                                  timeout=JOB_TIMEOUT_S)
+    print(f"uninterrupted distill job {job}: {time.monotonic() - t0:.1f}s; {timeline(info)}")
     return run_dir, job, rc
 
 
@@ -203,6 +204,7 @@ def test_distill_preempted_requeues_and_resumes_exactly(slurm_cluster, stage1, f
     signalled_at = max(losses(run_dir))
     slurm_cluster.signal_batch(job, "USR1")
     info = slurm_cluster.wait_job_done(job, PREEMPT_TIMEOUT_S)
+    print(f"preempted distill job {job}: signalled after step {signalled_at}; {timeline(info)}")
     log = job_output(root / "logs", job)
     assert info["JobState"] == "COMPLETED", f"{info}\n{log}"
     assert int(info.get("Restarts", "0")) == 1, f"job was not requeued exactly once: {info}\n{log}"
@@ -234,25 +236,83 @@ def test_distill_preempted_requeues_and_resumes_exactly(slurm_cluster, stage1, f
 
 # ----------------------------------------------------------------------------------------------- stage 2
 
-def test_compress_sbatch(slurm_cluster, stage1, full_run, tmp_path):
-    if not (REPO / "launchers" / "compress.py").is_file():
-        pytest.skip("launchers/compress.py does not exist yet (stage 2 is being written)")
-    import helpers
+def write_sst2(folder: Path, n_train: int = 400, n_dev: int = 60, seed: int = 0) -> None:
+    """A learnable SST-2-format task (label 1 iff the sentence mentions 'river'), as in test_compress_2proc."""
+    import random
 
-    if not hasattr(helpers, "make_compress_config"):
-        pytest.skip("tests/helpers.py has no make_compress_config(root, teacher=, student=, corpus=) -> config path "
-                    "yet: the tiny stage-2 config this test submits")
-    root, _ = stage1
-    full_dir, _, full_rc = full_run
-    assert full_rc == 0 and (full_dir / "student" / "config.json").is_file(), "stage 1 did not export a student"
-    config = helpers.make_compress_config(tmp_path, teacher=root / "teacher", student=full_dir / "student",
-                                          corpus=root / "corpus")
-    run_dir = tmp_path / "compress"
-    (tmp_path / "logs").mkdir(exist_ok=True)
-    job, rc = slurm_cluster.sbatch(REPO / "slurm" / "compress.sbatch",
-                                   options=(f"--output={tmp_path}/logs/%x-%j.out", "--time=10"),
-                                   env=slurm_cluster.env(ARC_CONFIG=str(config), ARC_RUN_DIR=str(run_dir)),
-                                   wait=True, timeout=JOB_TIMEOUT_S)
-    assert rc == 0, f"compress job {job} exited {rc}\n{job_output(tmp_path / 'logs', job)}"
+    from helpers import WORDS
+
+    rng = random.Random(seed)
+    (folder / "SST-2").mkdir(parents=True)
+    for split, n in (("train", n_train), ("dev", n_dev)):
+        rows = ["sentence\tlabel"]
+        for i in range(n):
+            words = [w for w in rng.sample(WORDS, rng.randint(4, 12)) if w != "river"] + (["river"] if i % 2 else [])
+            rng.shuffle(words)
+            rows.append(f"{' '.join(words)}\t{i % 2}")
+        (folder / "SST-2" / f"{split}.tsv").write_text("\n".join(rows) + "\n")
+
+
+@pytest.fixture(scope="module")
+def stage2(tmp_path_factory):
+    for launcher in ("finetune_teacher.py", "compress.py"):
+        if not (REPO / "launchers" / launcher).is_file():
+            pytest.skip(f"launchers/{launcher} does not exist yet")
+    from helpers import make_bert, make_tokenizer
+
+    root = tmp_path_factory.mktemp("slurm_stage2")
+    write_sst2(root / "glue")
+    tok = make_tokenizer(root / "pretrained")
+    make_bert(root / "pretrained", vocab_size=len(tok), layers=4, hidden=128, heads=4, intermediate=256,
+              max_positions=64, seed=1)
+    tok.save_pretrained(root / "student_init")
+    make_bert(root / "student_init", vocab_size=len(tok), layers=2, hidden=64, heads=4, intermediate=128,
+              max_positions=64, seed=2)
+    common = {
+        "data": {"task": "sst2", "glue_dir": str(root / "glue"), "max_seq_len": 32, "eval_every_steps": 0,
+                 "eval_batch_size": 16},
+        "metrics": {"log_every": 1, "progress_bar": False, "peak_tflops": 1.0},
+    }
+    finetune = {**common, "model": str(root / "pretrained"), "optim": {"lr": 1e-3},
+                "train": {"steps": 20, "micro_batch_size": 16, "precision": "fp32"},
+                "checkpoint": {"every_steps": 0}}
+    compress = {**common, "student": {"path": str(root / "student_init")},
+                "schedule": {"kind": "linear", "base": 0.3, "replacing_steps": 12},
+                "optim": {"lr": 1e-3},
+                "train": {"steps": 20, "micro_batch_size": 8, "seed": 3, "precision": "fp32"},
+                "checkpoint": {"every_steps": 10, "keep_last": 2}}
+    (root / "finetune.yaml").write_text(yaml.safe_dump(finetune))
+    (root / "compress.yaml").write_text(yaml.safe_dump(compress))
+    (root / "logs").mkdir()
+    return root
+
+
+def test_finetune_teacher_and_compress_sbatch(slurm_cluster, stage2):
+    """finetune_teacher.sbatch (its default: 1 node) then compress.sbatch on 2 nodes, overrides as arguments."""
+    root = stage2
+    options = (f"--output={root}/logs/%x-%j.out", "--time=10")
+    t0 = time.monotonic()
+    job, rc, info = slurm_cluster.submit_and_wait(
+        REPO / "slurm" / "finetune_teacher.sbatch", options=options, timeout=JOB_TIMEOUT_S,
+        env=slurm_cluster.env(ARC_CONFIG=str(root / "finetune.yaml"), ARC_RUN_DIR=str(root / "teacher")))
+    print(f"finetune job {job}: {time.monotonic() - t0:.1f}s; {timeline(info)}")
+    log = job_output(root / "logs", job)
+    assert rc == 0, f"finetune job {job} exited {rc}\n{log}"
+    assert "1 node(s) x 1 rank(s)" in log
+    assert json.loads((root / "teacher" / "summary.json").read_text())["completed"] is True
+    assert (root / "teacher" / "model" / "config.json").is_file()
+    t1 = time.monotonic()
+
+    run_dir = root / "compress"
+    job, rc, info = slurm_cluster.submit_and_wait(
+        REPO / "slurm" / "compress.sbatch", f"teacher={root / 'teacher' / 'model'}", options=options,
+        timeout=JOB_TIMEOUT_S, env=slurm_cluster.env(ARC_CONFIG=str(root / "compress.yaml"), ARC_RUN_DIR=str(run_dir)))
+    print(f"compress job {job}: {time.monotonic() - t1:.1f}s; {timeline(info)}")
+    log = job_output(root / "logs", job)
+    assert rc == 0, f"compress job {job} exited {rc}\n{log}"
+    assert "2 node(s) x 1 rank(s)" in log
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["completed"] is True, summary
+    assert summary["completed"] is True and summary["step"] == 20, summary
+    assert (run_dir / "student" / "config.json").is_file()
+    masks = read_jsonl(run_dir / "masks.jsonl")  # the replacement masks agree across the two nodes
+    assert len(masks) == 20 and all(r["masks"][0] == r["masks"][1] for r in masks)

