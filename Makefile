@@ -29,8 +29,15 @@ test: venv
 test-fast: venv
 	$(BIN)/python -m pytest -q -m "not slow and not slurm" tests
 
+# Timing benchmarks (minutes): relation loss, stage-1 step vs a plain MiniLMv2 step, student vs teacher inference.
 bench: venv
 	$(BIN)/python benchmarks/relation_loss.py
+	$(BIN)/python benchmarks/stage1_step.py
+	$(BIN)/python benchmarks/inference.py
+
+# The GLUE comparison table (an hour or more on 2 CPU cores; resumable). E.g. make bench-glue ARGS="--tasks rte --steps 60"
+bench-glue: venv
+	$(BIN)/python benchmarks/glue_table.py --glue-dir $(DATA)/glue --text $(DATA)/wikitext-2-raw $(ARGS)
 
 clean:
 	rm -rf demo_out runs .cache

@@ -400,6 +400,21 @@ def describe(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
     return rows
 
 
+def reference_markdown() -> str:
+    """README's config reference (regenerate with `python -m arc_dist.config > /dev/null`, see __main__)."""
+    jobs = ((DistillJobConfig, "Stage 1: `launchers/distill.py`, `arc distill`"),
+            (CompressJobConfig, "Stage 2: `launchers/compress.py`, `arc replace`"),
+            (FinetuneJobConfig, "Teacher fine-tuning: `launchers/finetune_teacher.py`, `arc finetune-teacher`"))
+    parts = []
+    for cls, title in jobs:
+        rows = "\n".join(f"| `{k}` | `{d}` | {h.replace('|', '/')} |" for k, d, h in describe(cls))
+        parts.append(f"<details><summary>{title}</summary>\n\n| key | default | meaning |\n|---|---|---|\n{rows}\n\n</details>")
+    return "\n\n".join(parts)
+
+
+README_MARKERS = ("<!-- config-reference:start -->", "<!-- config-reference:end -->")
+
+
 def _build(cls: type, data: Any, prefix: str) -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"section {prefix.rstrip('.') or '<root>'} must be a mapping, got {data!r}")
@@ -499,3 +514,12 @@ def _require(value: str, key: str, what: str) -> None:
 
 def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
+
+
+if __name__ == "__main__":  # rewrite README's config reference in place
+    readme = Path(__file__).resolve().parents[1] / "README.md"
+    text = readme.read_text()
+    start, end = README_MARKERS
+    head, _, rest = text.partition(start)
+    _, _, tail = rest.partition(end)
+    readme.write_text(f"{head}{start}\n{reference_markdown()}\n{end}{tail}")

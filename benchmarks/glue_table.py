@@ -97,7 +97,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, default=1, help="number of seeds (42, 43, ...); the table shows the mean")
     p.add_argument("--nprocs", type=int, default=None, help="ranks per job (default 2; quick 1)")
     p.add_argument("--eval-every", type=int, default=None, help="evaluate every N steps (default steps // 5)")
-    p.add_argument("--lr-student", type=float, default=1e-4, help="learning rate of every student method")
+    p.add_argument("--lr-student", type=float, default=None,
+                   help="learning rate of every student method (default 1e-4; quick 1e-3)")
+    p.add_argument("--lr-teacher", type=float, default=None,
+                   help="teacher fine-tuning learning rate (default: finetune_minilm_sst2.yaml's 5e-5; quick 1e-3)")
     p.add_argument("--precision", choices=("fp32", "bf16", "auto"), default=None,
                    help="training precision (default bf16 as the configs; quick fp32)")
     p.add_argument("--latency-repeats", type=int, default=None, help="compare_latency repeats (default 10; quick 3)")
@@ -123,6 +126,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.eval_every = args.eval_every or max(1, args.steps // (2 if q else 5))
     args.precision = args.precision or ("fp32" if q else "bf16")
     args.latency_repeats = args.latency_repeats or (3 if q else 10)
+    args.lr_student = args.lr_student or (1e-3 if q else 1e-4)
+    args.lr_teacher = args.lr_teacher or (1e-3 if q else None)
     args.out = args.out or RESULTS / ("glue_table_quick.json" if q else "glue_table.json")
     return args
 
@@ -290,7 +295,8 @@ def run_task(args, task: str, seed: int, pretrained: Path, student: Path, studen
     dirs = {m: base / m for m in METHODS}
     teacher = dirs["teacher"] / "best"
     print(f"{task} seed {seed}:", flush=True)
-    launch("teacher", "finetune", FINETUNE_CFG, dirs["teacher"], [f"model={pretrained}", *common], args)
+    teacher_lr = [f"optim.lr={args.lr_teacher}"] if args.lr_teacher else []
+    launch("teacher", "finetune", FINETUNE_CFG, dirs["teacher"], [f"model={pretrained}", *teacher_lr, *common], args)
     launch("truncation", "finetune", FINETUNE_CFG, dirs["truncation"],
            [f"model={pretrained}", f"truncate_layers={student_layers}", lr, *common], args)
     launch("vanilla_kd", "finetune", FINETUNE_CFG, dirs["vanilla_kd"],
@@ -466,7 +472,7 @@ def main(argv: list[str] | None = None) -> int:
             "steps": args.steps, "eval_every": args.eval_every, "train_subset": args.train_subset,
             "seeds": seeds, "nprocs": args.nprocs, "threads_per_rank": int(os.environ["OMP_NUM_THREADS"]),
             "precision": args.precision, "lr_student": args.lr_student,
-            "lr_teacher": "finetune_minilm_sst2.yaml (5e-5)",
+            "lr_teacher": args.lr_teacher or "finetune_minilm_sst2.yaml's (5e-5)",
             "replacement_schedule": f"linear from 0.3, p=1 at {REPLACING_FRACTION:.0%} of the steps (theseus, arc)",
             "kd": "vanilla_kd: CE + 1.0 x KL(teacher || student) at T=1",
             "theseus_init": "bottom layers of the FINE-TUNED teacher (Theseus' own init), block mapping",

@@ -26,7 +26,9 @@ The last stdout line is a JSON object (also written to --out); a human-readable 
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -38,6 +40,7 @@ from common import (
     device_for,
     make_tiny_pretrained,
     random_batch,
+    sync,
     use_all_threads,
     write_report,
 )
@@ -167,6 +170,36 @@ class Steps:
         self.opt_baseline.step()
         self.opt_baseline.zero_grad(set_to_none=True)
 
+    def project_phases(self, repeats: int) -> dict[str, float]:
+        """Median seconds of each phase of the project step (where its time goes, for the MFU figure)."""
+        samples: dict[str, list[float]] = {k: [] for k in ("teacher_fwd", "student_fwd", "loss", "backward",
+                                                             "optimizer")}
+        params = [p for p in self.student_qkv.parameters() if p.requires_grad]
+        for _ in range(repeats):
+            marks = [time.perf_counter()]
+            with self._autocast():
+                with torch.no_grad():
+                    teacher = self.teacher_qkv(self.input_ids, self.mask)
+                sync(self.device)
+                marks.append(time.perf_counter())
+                student = self.student_qkv(self.input_ids, self.mask)
+                sync(self.device)
+                marks.append(time.perf_counter())
+                loss = self.relation_loss(teacher, student, self.mask).total
+                sync(self.device)
+                marks.append(time.perf_counter())
+            loss.backward()
+            sync(self.device)
+            marks.append(time.perf_counter())
+            torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP)
+            self.opt_project.step()
+            self.opt_project.zero_grad(set_to_none=True)
+            sync(self.device)
+            marks.append(time.perf_counter())
+            for key, a, b in zip(samples, marks, marks[1:]):
+                samples[key].append(b - a)
+        return {k: statistics.median(v) for k, v in samples.items()}
+
     @torch.no_grad()
     def check_equivalence(self) -> dict[str, float]:
         """Before any optimizer step both students are identical: in eval mode (no dropout) the two losses agree."""
@@ -209,6 +242,10 @@ def main(argv: list[str] | None = None) -> None:
         med, _ = alternate_medians({"project": steps.project_step, "baseline": steps.baseline_step},
                                    repeats=args.repeats, warmup=args.warmup, device=device)
         times[name] = med
+    phases: dict[str, dict[str, float]] = {}
+    for name in args.dtypes:
+        steps.autocast_dtype = None if name == "fp32" else DTYPES[name]
+        phases[name] = steps.project_phases(max(2, args.repeats // 2))
     # The peak again after the timed work (best of both): a noisy neighbour during the first measurement would
     # otherwise understate the denominator and overstate MFU.
     peaks = {name: max(peaks[name], measure_matmul_tflops(device, DTYPES[name], n=peak_n)) for name in DTYPES}
@@ -236,6 +273,11 @@ def main(argv: list[str] | None = None) -> None:
               f"{tokens_per_s['project_' + d]:>11.0f} {tokens_per_s['baseline_' + d]:>11.0f} {speedups[d]:>8.3f} "
               f"{mfu['project_' + d]:>9.3f} {mfu['baseline_' + d]:>9.3f}")
 
+    for d in phases:
+        total = sum(phases[d].values())
+        print(f"project step phases ({d}, median of {max(2, args.repeats // 2)}, separately timed): "
+              + ", ".join(f"{k} {v * 1e3:.0f} ms ({100 * v / total:.0f}%)" for k, v in phases[d].items()))
+
     report = {
         "benchmark": "stage1_step",
         "speedup": speedups.get("fp32"),
@@ -246,6 +288,7 @@ def main(argv: list[str] | None = None) -> None:
         "step_ms": {f"{m}_{d}": times[d][m] * 1e3 for d in times for m in ("project", "baseline")},
         "mfu": mfu,
         "peak_tflops": peaks,
+        "project_phases_ms": {d: {k: v * 1e3 for k, v in ph.items()} for d, ph in phases.items()},
         "flops_per_token": flops_per_token,
         "equivalence_check": check,
         "targets": {"speedup": 1.3, "mfu_fp32": 0.6},

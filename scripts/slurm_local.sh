@@ -85,9 +85,11 @@ ensure_packages() {
   if ! DEBIAN_FRONTEND=noninteractive apt-get install -y -q slurm-wlm munge >"$D/apt.log" 2>&1; then
     DEBIAN_FRONTEND=noninteractive apt-get update -q >>"$D/apt.log" 2>&1
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q slurm-wlm munge >>"$D/apt.log" 2>&1 \
-      || { log "apt-get install slurm-wlm munge failed (see $D/apt.log): $(tail -n 2 "$D/apt.log" | tr '\n' ' ')"; return 3; }
+      || { log "apt-get install slurm-wlm munge failed (see $D/apt.log): $(tail -n 2 "$D/apt.log" | tr '\n' ' ')"
+           return 3; }
   fi
-  command -v slurmctld >/dev/null && command -v munged >/dev/null || { log "slurm-wlm installed but no slurmctld/munged"; return 3; }
+  command -v slurmctld >/dev/null && command -v munged >/dev/null \
+    || { log "slurm-wlm installed but no slurmctld/munged"; return 3; }
 }
 
 check_netns() {
@@ -96,7 +98,8 @@ check_netns() {
     log "ip netns is not permitted here: $(cat "$D/netns_probe.err")"; return 4
   fi
   ip netns del "$probe" 2>/dev/null
-  command -v nsenter >/dev/null && command -v unshare >/dev/null || { log "nsenter/unshare missing (util-linux)"; return 4; }
+  command -v nsenter >/dev/null && command -v unshare >/dev/null \
+    || { log "nsenter/unshare missing (util-linux)"; return 4; }
 }
 
 cmd_down() {
@@ -182,7 +185,9 @@ SlurmdLogFile=$D/log/slurmd-%n.log
 SlurmctldPort=$CTLD_PORT
 SlurmdPort=$SLURMD_PORT
 KillWait=10
-MinJobAge=600
+# 0 = never purge finished jobs (scontrol still shows them) and keeps `sbatch --wait` polling every 2 s
+# (it backs off x4 up to MinJobAge/2: 2, 10, 42 s... with the default)
+MinJobAge=0
 SchedulerParameters=sched_interval=2,bf_interval=5
 EOC
   for n in "${NODES[@]}"; do
@@ -222,7 +227,8 @@ cmd_up() {
   start_munge || return 1
   setup_network || { log "network setup failed"; return 1; }
   export SLURM_CONF=$CONF
-  slurmctld -f "$CONF" -i || { log "slurmctld failed: $(tail -n 5 "$D/log/slurmctld.log")"; return 1; }
+  # -c: start with an empty queue (a killed session may have left jobs in the state files); -i: ignore state errors
+  slurmctld -f "$CONF" -c -i || { log "slurmctld failed: $(tail -n 5 "$D/log/slurmctld.log")"; return 1; }
   # NB: nsenter + unshare, NOT `ip netns exec`: the latter remounts /sys, /sys/fs/cgroup is then empty and
   # slurmd 22.05 dies with "Unable to initialize cgroup plugin".
   for n in "${NODES[@]}"; do

@@ -22,8 +22,8 @@
 #   GPUS_PER_NODE   ranks per node        [$SLURM_GPUS_ON_NODE, else the GPUs nvidia-smi lists, else 1 (CPU)]
 #   ARC_PYTHON      python of the environment                        [$ARC_REPO/.venv/bin/python, else python3]
 #   ARC_RDZV_PORT   rendezvous port on the first node                [20000 + job id % 10000]
-#   ARC_LOG_DIR     per-job log directory [the job's --output file without its .out suffix, e.g. runs/slurm/<name>-<id>/]
-#                   holding attempt<N>-<node>.log (torchrun and all ranks of that node, appended)
+#   ARC_LOG_DIR     per-job log directory, holding attempt<N>-<node>.log (torchrun and all ranks of that node)
+#                   [the job's --output file without its .out suffix, e.g. runs/slurm/<name>-<id>/]
 #   OMP_NUM_THREADS [CPUs of the task / ranks per node, at least 1]
 #   TORCH_EXTENSIONS_DIR [$ARC_REPO/.cache/torch_extensions, shared so DeepSpeed's JIT ops build once]
 #   GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME: set them when the node's hostname does not resolve to the address
@@ -64,10 +64,12 @@ arc_resolve_settings() {
     ARC_CONFIG_ARGS=(--config "$ARC_CONFIG")
   fi
   if [ -z "${ARC_RUN_DIR:-}" ] && [ -n "${ARC_CONFIG:-}" ]; then
-    ARC_RUN_DIR=$("$ARC_PYTHON" -c 'import sys, yaml; print((yaml.safe_load(open(sys.argv[1])) or {}).get("run_dir") or "")' \
-      "$ARC_CONFIG") || arc_die "cannot read run_dir from $ARC_CONFIG with $ARC_PYTHON"
+    ARC_RUN_DIR=$("$ARC_PYTHON" -c \
+      'import sys, yaml; print((yaml.safe_load(open(sys.argv[1])) or {}).get("run_dir") or "")' "$ARC_CONFIG") \
+      || arc_die "cannot read run_dir from $ARC_CONFIG with $ARC_PYTHON"
   fi
-  [ -n "${ARC_RUN_DIR:-}" ] || arc_die "set ARC_RUN_DIR (the same directory for every attempt, so a requeued job resumes)"
+  [ -n "${ARC_RUN_DIR:-}" ] \
+    || arc_die "set ARC_RUN_DIR (the same directory for every attempt, so that a requeued job resumes)"
   ARC_RUN_DIR=$(arc_abspath "$ARC_RUN_DIR" "$submit")
   mkdir -p "$ARC_RUN_DIR" || arc_die "cannot create $ARC_RUN_DIR"
 
@@ -112,7 +114,8 @@ arc_on_signal() {  # only touch the stop file: the ranks checkpoint and exit by 
 # $1: path of summary.json; prints true/false when written by this attempt (newer than the marker), else nothing
 arc_summary_completed() {
   [ -f "$1" ] && [ "$1" -nt "$2" ] || return 0
-  "$ARC_PYTHON" -c 'import json, sys; print(str(json.load(open(sys.argv[1])).get("completed")).lower())' "$1" 2>/dev/null
+  "$ARC_PYTHON" -c 'import json, sys; print(str(json.load(open(sys.argv[1])).get("completed")).lower())' \
+    "$1" 2>/dev/null
 }
 
 # Entry point: arc_slurm_main [extra overrides...]

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 
+import pytest
 from helpers import PYTHON, REPO
 
 
@@ -38,3 +39,54 @@ def test_relation_loss_benchmark(tmp_path):
         }  # fmt: skip
         assert row["project_ms"] > 0 and row["reference_ms"] > 0
         assert row["reference_peak_mib"] > 0
+
+
+def test_stage1_step_benchmark(tmp_path):
+    report = run_quick("stage1_step.py", tmp_path / "results" / "stage1_step.json")
+    assert report["benchmark"] == "stage1_step"
+    assert {"speedup", "speedup_bf16", "mfu_fp32", "mfu_bf16", "tokens_per_s", "peak_tflops", "config"} <= report.keys()
+    assert set(report["tokens_per_s"]) == {"project_fp32", "baseline_fp32", "project_bf16", "baseline_bf16"}
+    assert all(v > 0 for v in report["tokens_per_s"].values())
+    assert report["speedup"] > 0 and report["speedup_bf16"] > 0
+    assert 0 < report["mfu_fp32"] < 1 and 0 < report["mfu_bf16"] < 1
+    assert report["peak_tflops"]["fp32"] > 0 and report["peak_tflops"]["bf16"] > 0
+    # Same students at init, same batch: the project step and the baseline compute the same loss.
+    assert report["equivalence_check"]["rel_diff"] < 1e-4
+    assert report["config"]["threads"] >= 1 and report["config"]["quick"] is True
+
+
+def test_inference_benchmark(tmp_path):
+    report = run_quick("inference.py", tmp_path / "results" / "inference.json")
+    assert report["benchmark"] == "inference"
+    for key in ("throughput_ratio_b32", "latency_ratio_b1", "throughput_ratio_b32_bf16", "latency_ratio_b1_bf16"):
+        assert report[key] > 0, key
+    assert {f"{m}_{d}_b{b}" for m in ("teacher", "student") for d in ("fp32", "bf16") for b in (1, 32)} == set(
+        report["latency_ms"])
+    assert report["params"]["student"] < report["params"]["teacher"]
+    assert report["config"]["student_layers"] < report["config"]["teacher_layers"]
+
+
+@pytest.mark.slow
+def test_glue_table_benchmark(tmp_path):
+    """--quick on one synthetic task (the default two tasks make 13 deepspeed launches: minutes on 2 shared
+    cores); one task runs stage 1 and all six methods, so every code path is covered."""
+    out = tmp_path / "results" / "glue_table.json"
+    proc = subprocess.run(
+        [PYTHON, str(REPO / "benchmarks" / "glue_table.py"), "--quick", "--tasks", "rte", "--out", str(out)],
+        cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "2"}, capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert json.loads(out.read_text()) == report
+    assert report["benchmark"] == "glue_table"
+    methods = {"teacher", "truncation", "vanilla_kd", "theseus", "minilmv2", "arc"}
+    assert set(report["tasks"]) == {"rte"} and set(report["tasks"]["rte"]) == methods
+    assert all(0 <= v <= 100 for v in report["tasks"]["rte"].values())
+    assert set(report["averages"]) == methods
+    assert report["arc_retention"] is not None and "arc_minus_best_baseline" in report
+    assert report["speedup"]["teacher"] == 1.0
+    assert all(report["params_m"][m] < report["params_m"]["teacher"] for m in methods - {"teacher"})
+    assert report["stage1"]["trained_here"] and report["stage1"]["corpus_sequences"] > 0
+    assert report["config"]["steps"] > 0 and report["config"]["nprocs"] >= 1
+    table = out.with_suffix(".md").read_text()
+    assert "ARC" in table and "Theseus" in table and "| avg |" in table

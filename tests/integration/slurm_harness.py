@@ -52,11 +52,11 @@ def _script_env(state_dir: Path) -> dict:
 def job_env(conf: Path, **extra: str) -> dict:
     """Environment for sbatch/srun/scontrol against the local cluster; sbatch exports it into the job."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "SRUN_", "ARC_"))}
-    python_bin = Path(sys.executable).parent
+    python_bin = Path(sys.executable).parent  # the jobs run in the environment running the tests
     env.update(
         SLURM_CONF=str(conf),
-        PATH=os.pathsep.join(dict.fromkeys([str(VENV_BIN), str(python_bin), env.get("PATH", "/usr/bin:/bin")])),
-        ARC_PYTHON=str(VENV_BIN / "python") if (VENV_BIN / "python").exists() else sys.executable,
+        PATH=os.pathsep.join(dict.fromkeys([str(python_bin), str(VENV_BIN), env.get("PATH", "/usr/bin:/bin")])),
+        ARC_PYTHON=sys.executable,
         DS_ACCELERATOR="cpu",
         OMP_NUM_THREADS="1",
         HF_HUB_OFFLINE="1",
@@ -190,8 +190,8 @@ class _Lifecycle:
             self._previous_term = signal.signal(signal.SIGTERM, self._on_term)
         except ValueError:  # not the main thread
             self._previous_term = None
-        return subprocess.run([str(SCRIPT), "up"], env=_script_env(self.state_dir), capture_output=True, text=True,
-                              timeout=UP_TIMEOUT_S)
+        return subprocess.run(["bash", str(SCRIPT), "up"], env=_script_env(self.state_dir), capture_output=True,
+                              text=True, timeout=UP_TIMEOUT_S)
 
     def _on_term(self, signum, frame):  # a killed pytest still tears the cluster down (via the finalizers)
         raise KeyboardInterrupt(f"signal {signum}")
@@ -201,7 +201,7 @@ class _Lifecycle:
             return
         self.done = True
         try:
-            proc = subprocess.run([str(SCRIPT), "down"], env=_script_env(self.state_dir), capture_output=True,
+            proc = subprocess.run(["bash", str(SCRIPT), "down"], env=_script_env(self.state_dir), capture_output=True,
                                   text=True, timeout=DOWN_TIMEOUT_S)
             if proc.returncode != 0:
                 print(f"slurm_local.sh down exited {proc.returncode}: {proc.stderr}", file=sys.stderr)

@@ -18,7 +18,7 @@ def test_pipeline_end_to_end(tmp_path):
     write_sst2(tmp_path / "glue", n_train=200, n_dev=40)
     text = synthetic_text(tmp_path / "text.txt", n_lines=600)
     out = tmp_path / "out"
-    tiny = ["train.micro_batch_size=8", "train.precision=fp32", "metrics.progress_bar=false"]
+    tiny = ["train.micro_batch_size=8", "train.precision=fp32", "metrics.progress_bar=false", "optim.warmup_steps=2"]
     args = ["compress", "--teacher", str(teacher), "--task", "sst2",
             "--glue-dir", str(tmp_path / "glue"), "--text", str(text), "--out", str(out), "--nprocs", "2",
             "--student-layers", "2", "--student-hidden", "32", "--student-heads", "4"]
