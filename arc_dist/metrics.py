@@ -26,6 +26,12 @@ def setup_logging(rank: int) -> None:
     )
     for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    import transformers
+
+    # Weight-loading reports and shard-writing bars: once (rank 0) is information, N copies are noise.
+    transformers.utils.logging.disable_progress_bar()
+    if rank != 0:
+        transformers.utils.logging.set_verbosity_error()
 
 
 class MetricsLogger:

@@ -16,7 +16,8 @@
 #
 # The bridge and namespace names are machine-wide, so only one such cluster can exist at a time: `up` and `down`
 # take the lock $ARC_SLURM_LOCK (flock); tests/integration/slurm_harness.py holds it for a whole pytest session
-# and tells this script so with ARC_SLURM_LOCK_HELD=1.
+# and tells this script so with ARC_SLURM_LOCK_HELD=1. A cluster started by hand holds no lock once `up` returns:
+# the next `up` (e.g. a pytest session) replaces it.
 #
 # Exit codes of `up`: 0 ok, 3 packages missing and cannot be installed, 4 `ip netns` not permitted, 5 not root,
 # 6 another session holds the lock, 1 anything else (the daemons' logs are in $SLURM_LOCAL/log).

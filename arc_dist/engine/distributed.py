@@ -7,6 +7,7 @@ import datetime
 import json
 import os
 import socket
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,11 @@ def init_distributed(timeout_s: float = 600.0) -> DistEnv:
     """
     import deepspeed
 
+    # DeepSpeed JIT-builds its CPU comm op with the first `ninja` on PATH. A system ninja and the venv's hash the
+    # build differently and rebuild each other's output (30-100 s each time): always use the venv's.
+    venv_bin = str(Path(sys.executable).parent)
+    if os.environ.get("PATH", "").split(os.pathsep)[0] != venv_bin:
+        os.environ["PATH"] = venv_bin + os.pathsep + os.environ.get("PATH", "")
     if "RANK" not in os.environ:  # a single process started without a launcher
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
