@@ -99,7 +99,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_env(**extra: str) -> dict:
+def child_env(**extra: str) -> dict:
     """Environment for child processes: CPU, one thread per rank, offline hub, cached DeepSpeed op builds."""
     # An in-process test may have joined a 1-rank process group; its rendezvous variables must not leak to children.
     env = {k: v for k, v in os.environ.items()
@@ -140,7 +140,7 @@ def launch(
     else:
         raise ValueError(launcher)
     proc = subprocess.run(
-        cmd, cwd=REPO, env=env or test_env(), capture_output=True, text=True, timeout=timeout
+        cmd, cwd=REPO, env=env or child_env(), capture_output=True, text=True, timeout=timeout
     )
     if check and proc.returncode != 0:
         raise AssertionError(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -76,9 +77,10 @@ def plan_stage1(cfg: DistillJobConfig, world_size: int):
 
 
 def train(cfg: DistillJobConfig) -> dict[str, Any]:
+    # Every check that needs only configs and the corpus manifest runs before the process group forms.
+    setup_logging(int(os.environ.get("RANK", "0")))
+    plan, teacher_config, tokenizer = plan_stage1(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     env = init_distributed()
-    setup_logging(env.rank)
-    plan, teacher_config, tokenizer = plan_stage1(cfg, env.world_size)
     run_dir = Path(cfg.run_dir)
     if env.is_main:
         save_config(cfg, run_dir / "config.yaml")

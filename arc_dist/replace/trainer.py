@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,8 +62,7 @@ class GlueModels:
 
 
 def train_glue(cfg: FinetuneJobConfig | CompressJobConfig) -> dict[str, Any]:
-    env = init_distributed()
-    setup_logging(env.rank)
+    setup_logging(int(os.environ.get("RANK", "0")))
     spec = get_task(cfg.data.task)
     run_dir = Path(cfg.run_dir)
     dtype = resolve_dtype(cfg.train.precision)
@@ -75,6 +75,7 @@ def train_glue(cfg: FinetuneJobConfig | CompressJobConfig) -> dict[str, Any]:
                                     cfg.train.seed), models.tokenizer, cfg.data.max_seq_len)
     dev_sets = {split: GlueDataset(load_glue(spec, split, cfg.data.glue_dir), models.tokenizer,
                                    cfg.data.max_seq_len) for split in spec.dev_splits}
+    env = init_distributed()  # after every check that needs only configs, model configs and data files
     if env.is_main:
         save_config(cfg, run_dir / "config.yaml")
         log.info("%s: %d training examples, dev %s", spec.name, len(train_set),
@@ -244,6 +245,10 @@ def build_compress(cfg: CompressJobConfig, spec: TaskSpec) -> GlueModels:
             f"teacher {cfg.teacher} has {teacher_config.num_labels} labels but {spec.name} has {spec.num_labels}: "
             "pass a teacher fine-tuned on this task (arc finetune-teacher)"
         )
+    # The mapping is checked against the configs before any weight is loaded.
+    student_layers = (cfg.student.truncate_teacher_layers if cfg.student.truncate_teacher_layers is not None
+                      else load_model_config(cfg.student.path).num_hidden_layers)
+    mapping = layer_mapping(cfg.mapping.kind, teacher_config.num_hidden_layers, student_layers, cfg.mapping.explicit)
     tokenizer = load_tokenizer(cfg.teacher)
     torch.manual_seed(cfg.train.seed)
     if cfg.student.truncate_teacher_layers is not None:
@@ -254,8 +259,6 @@ def build_compress(cfg: CompressJobConfig, spec: TaskSpec) -> GlueModels:
     teacher = AutoModelForSequenceClassification.from_pretrained(cfg.teacher)
     if cfg.student.head == "teacher":
         _copy_head(teacher, student)
-    mapping = layer_mapping(cfg.mapping.kind, teacher.config.num_hidden_layers, student.config.num_hidden_layers,
-                            cfg.mapping.explicit)
     hybrid = HybridModel(student, teacher, mapping)
     log.info("layer mapping (student slot -> teacher layers, 1-based): %s",
              {i + 1: [j + 1 for j in slot] for i, slot in enumerate(mapping)})
