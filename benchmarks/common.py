@@ -46,9 +46,11 @@ WORDS = (
 ).split()
 
 
-def use_all_threads() -> int:
-    """torch intra-op threads = every core of the machine (the benchmarks run one process); returns the count."""
-    threads = max(1, os.cpu_count() or 1)
+def use_all_threads(threads: int | None = None) -> int:
+    """torch intra-op threads = every core of the machine (the benchmarks run one process), or `threads`;
+    returns the count. On a machine shared with other jobs, fewer threads than cores can be much faster: an
+    OpenMP region waits for its slowest thread, and a descheduled thread stalls every op (see --threads)."""
+    threads = threads or max(1, os.cpu_count() or 1)
     torch.set_num_threads(threads)
     quiet_transformers()
     return threads

@@ -16,13 +16,15 @@ best dev score over its evaluations (the usual GLUE dev protocol):
 theseus and arc use the same replacement schedule (configs/compress_minilm_sst2.yaml: linear curriculum from
 p=0.3, reaching 1 at 60% of the steps); all students use the same learning rate (--lr-student); the teacher uses
 the fine-tuning config's. The stage-1 student comes from --student, or is trained here once (launchers/distill.py
-with configs/distill_minilm.yaml on WikiText-2 shards made by arc_dist.demo.ensure_corpus).
+with configs/distill_minilm.yaml on WikiText-2 shards made by arc_dist.demo.ensure_corpus; the teacher's embeddings
+are copied into the student where the widths match, as arc_dist.pipeline does).
 
 Every job is a subprocess started through the `deepspeed` launcher by `arc_dist.pipeline.run_stage` (on a free
-master port, see `free_master_ports`) on --nprocs local ranks, in its own run directory under --runs-dir (<task>/seed<S>/<method>); a finished run is skipped and an
-interrupted one resumes, so re-running the command continues where it stopped. Each job's output goes to
-<run_dir>/launch.log. Parameters are counted on the exported models; the speed-up is `compare_latency` of each
-exported model against the teacher on one batch of 32 dev examples padded to max_seq_len.
+master port, see `free_master_ports`) on --nprocs local ranks, in its own run directory under --runs-dir
+(<task>/seed<S>/<method>); a finished run is skipped and an interrupted one resumes, so re-running the command
+continues where it stopped. Each job's output goes to <run_dir>/launch.log. Parameters are counted on the exported
+models; the speed-up is `compare_latency` of each exported model against the teacher on one batch of 32 dev
+examples padded to max_seq_len.
 
 Outputs: a Markdown table (printed, and written next to --out as .md), a bar chart (.png, when matplotlib is
 importable), and the JSON report (--out, and the last stdout line). Metric values are in points (metric x 100).
@@ -104,6 +106,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--precision", choices=("fp32", "bf16", "auto"), default=None,
                    help="training precision (default bf16 as the configs; quick fp32)")
     p.add_argument("--latency-repeats", type=int, default=None, help="compare_latency repeats (default 10; quick 3)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads of this process (default: all cores, os.cpu_count())")
     p.add_argument("--runs-dir", type=Path, default=None,
                    help="run directories (default benchmarks/results/glue_runs; quick: a temp dir, removed)")
     p.add_argument("--keep-checkpoints", action="store_true",
@@ -233,6 +237,7 @@ def stage1_student(args, pretrained: Path, runs: Path) -> tuple[Path, dict]:
 
             cfg = yaml.safe_load(cfg_path.read_text())
             info["micro_batch_size_per_rank"] = cfg.get("train", {}).get("micro_batch_size")
+            info["embeddings_from_teacher"] = cfg.get("student", {}).get("embeddings_from_teacher")
             info.update(_corpus_info(Path(cfg.get("data", {}).get("path", ""))))
         return student, info
 
@@ -243,7 +248,12 @@ def stage1_student(args, pretrained: Path, runs: Path) -> tuple[Path, dict]:
     print(f"stage 1: corpus from {', '.join(args.text)}", flush=True)
     with output_to(runs / "corpus.log"):
         corpus = ensure_corpus(args.text, pretrained, runs / "corpus", seq_len=seq_len, min_shards=min_shards)
+    from arc_dist.models.builders import load_model_config
+
+    # As arc_dist.pipeline: the config's embeddings_from_teacher only where the widths allow it.
+    same_width = load_model_config(str(pretrained)).hidden_size == args.student_hidden
     overrides = [f"teacher.path={pretrained}", f"data.path={corpus}", f"data.seq_len={seq_len}",
+                 f"student.embeddings_from_teacher={str(same_width).lower()}",
                  f"student.layers={args.student_layers}", f"student.hidden={args.student_hidden}",
                  f"student.heads={args.student_heads}", f"student.intermediate={4 * args.student_hidden}",
                  f"train.steps={args.stage1_steps}", f"optim.warmup_steps={min(20, args.stage1_steps)}",
@@ -259,6 +269,7 @@ def stage1_student(args, pretrained: Path, runs: Path) -> tuple[Path, dict]:
             "final_loss": summary.get("final_loss"), "teacher_layer": summary.get("teacher_layer"),
             "relation_heads": summary.get("relation_heads"), "micro_batch_size_per_rank": mbs, "ranks": args.nprocs,
             "sequences_seen": summary.get("step", 0) * mbs * args.nprocs, "precision": cfg["train"]["precision"],
+            "embeddings_from_teacher": cfg["student"].get("embeddings_from_teacher"),
             **_corpus_info(corpus)}
     return runs / "stage1" / "student", info
 
@@ -355,8 +366,12 @@ def markdown_table(tasks: list[str], scores: dict, averages: dict, speed: dict, 
                 cell += f" ± {statistics.stdev(vals):.1f}"
             cells.append(cell)
         lines.append(f"| {LABELS[m]} | {speed['layers_x_hidden'][m]} | " + " | ".join(cells)
-                     + f" | {averages[m]:.1f} | {speed['params_m'][m]:.1f}M | {speed['speedup'][m]:.2f}x |")
+                     + f" | {averages[m]:.1f} | {_millions(speed['params_m'][m])} | {speed['speedup'][m]:.2f}x |")
     return "\n".join(lines)
+
+
+def _millions(value: float) -> str:
+    return f"{value:.1f}M" if value >= 1 else f"{value:.3f}M"
 
 
 def bar_chart(path: Path, tasks: list[str], means: dict, averages: dict) -> str | None:
@@ -386,7 +401,7 @@ def bar_chart(path: Path, tasks: list[str], means: dict, averages: dict) -> str 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     t_start = time.perf_counter()
-    threads = use_all_threads()
+    threads = use_all_threads(args.threads)
     # Each launched rank gets its share of the cores (run_stage passes OMP_NUM_THREADS on, default 1).
     os.environ["OMP_NUM_THREADS"] = str(max(1, threads // args.nprocs))
     tmp = tempfile.TemporaryDirectory(prefix="glue_table_quick_") if args.quick else None
@@ -441,9 +456,10 @@ def main(argv: list[str] | None = None) -> int:
               f"{student_layers} layers; train subset {args.train_subset or 'all'}; {args.nprocs} rank(s) per job; "
               f"speed-up: {speed['batch'][0]}x{speed['batch'][1]} batch, {device_description(torch.device('cpu'))}")
     stage1_line = ("stage-1 student: " + ", ".join(f"{k}={v}" for k, v in stage1.items() if k != "corpus_sources"))
+    gap = averages["arc"] - averages[best_baseline]
     md = "\n\n".join([header, table, stage1_line,
                       f"ARC keeps {100 * averages['arc'] / averages['teacher']:.1f}% of the teacher's average; "
-                      f"ARC - best baseline ({best_baseline}) = {averages['arc'] - averages[best_baseline]:+.1f} points."])
+                      f"ARC - best baseline ({best_baseline}) = {gap:+.1f} points."])
     print("\n" + md + "\n")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".md").write_text(md + "\n")

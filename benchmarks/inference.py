@@ -52,6 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--device", default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads of this process (default: all cores, os.cpu_count())")
     p.add_argument("--out", type=Path, default=RESULTS / "inference.json")
     args = p.parse_args(argv)
     args.student_layers = args.student_layers or (2 if args.quick else 3)
@@ -85,7 +87,7 @@ def load_models(args: argparse.Namespace, teacher_path: str) -> tuple[torch.nn.M
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    threads = use_all_threads()
+    threads = use_all_threads(args.threads)
     device = device_for(args.device)
     tmp = None
     if args.teacher:
@@ -143,6 +145,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{dname:>5} {batch:>5} {latency_ms[t]:>11.2f} {latency_ms[s]:>11.2f} {throughput[t]:>14.1f} "
                   f"{throughput[s]:>14.1f} {latency_ms[t] / latency_ms[s]:>9.3f}")
 
+    repeats = args.repeats or (3 if args.quick else "40 at batch 1, 12 at larger batches")
     report = {
         "benchmark": "inference",
         **result,
@@ -155,9 +158,10 @@ def main(argv: list[str] | None = None) -> None:
                  "teacher/student latency at batch 1; bf16 = weights cast to bf16 (no autocast). "
                  + ("The student has random weights: weights do not change speed." if not args.student else ""),
         "config": {"teacher": teacher_desc, "student": student_desc, "seq_len": args.seq_len,
-                   "batches": args.batches, "dtypes": args.dtypes, "repeats": args.repeats or (3 if args.quick else "40 at batch 1, 12 at larger batches"),
+                   "batches": args.batches, "dtypes": args.dtypes, "repeats": repeats,
                    "warmup": args.warmup, "threads": threads, "device": str(device), "quick": args.quick,
-                   "teacher_layers": teacher.config.num_hidden_layers, "student_layers": student.config.num_hidden_layers,
+                   "teacher_layers": teacher.config.num_hidden_layers,
+                   "student_layers": student.config.num_hidden_layers,
                    "hidden": [teacher.config.hidden_size, student.config.hidden_size]},
     }  # fmt: skip
     write_report(report, args.out)

@@ -82,6 +82,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per method and dtype")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads of this process (default: all cores, os.cpu_count())")
     p.add_argument("--out", type=Path, default=RESULTS / "stage1_step.json")
     args = p.parse_args(argv)
     q = args.quick
@@ -208,12 +210,13 @@ class Steps:
         project, baseline = float(self.project_loss()), float(self.baseline_loss())
         self.student_qkv.train()
         self.student_full.train()
-        return {"project": project, "baseline": baseline, "rel_diff": abs(project - baseline) / max(abs(baseline), 1e-12)}
+        rel_diff = abs(project - baseline) / max(abs(baseline), 1e-12)
+        return {"project": project, "baseline": baseline, "rel_diff": rel_diff}
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    threads = use_all_threads()
+    threads = use_all_threads(args.threads)
     device = device_for(args.device)
     tmp = None
     if args.teacher:
@@ -294,8 +297,8 @@ def main(argv: list[str] | None = None) -> None:
         "targets": {"speedup": 1.3, "mfu_fp32": 0.6},
         "device": device_description(device),
         "notes": "single process, no DeepSpeed engine: the step's compute (teacher forward, student forward/backward, "
-                 "relation loss, AdamW with grad clipping). bf16 = torch.autocast(bf16) over fp32 weights; the relation "
-                 "loss runs in fp32 in both steps. MFU counts the project step's model FLOPs "
+                 "relation loss, AdamW with grad clipping). bf16 = torch.autocast(bf16) over fp32 weights; the "
+                 "relation loss runs in fp32 in both steps. MFU counts the project step's model FLOPs "
                  "(distill.trainer.stage1_flops_per_token), also for the baseline's MFU.",
         "config": {
             "teacher": teacher_desc, "teacher_layer": steps.layer, "teacher_layers": steps.tcfg.num_hidden_layers,

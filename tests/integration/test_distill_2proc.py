@@ -133,3 +133,35 @@ def test_torchrun_zero3_student_bf16(setup):
     from transformers import AutoModel
 
     assert AutoModel.from_pretrained(run_dir / "student").config.num_hidden_layers == 2
+
+
+def test_sigterm_ends_with_a_consistent_checkpoint_and_resumes(setup, full_run):
+    """SIGTERM (scancel, node drain) to the launcher: every rank finishes its step, checkpoints, exits; resume
+    continues with the uninterrupted run's losses."""
+    import signal
+    import subprocess
+    import time
+
+    from helpers import REPO, VENV_BIN, child_env, free_port
+
+    root, config = setup
+    run_dir = root / "sigterm"
+    cmd = [str(VENV_BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()),
+           "launchers/distill.py", "--config", str(config), f"run_dir={run_dir}", "checkpoint.every_steps=0"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    scalars = run_dir / "tensorboard" / "scalars.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and (not scalars.exists() or len(scalars.read_text().splitlines()) < 3):
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=240)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["completed"] is False and 3 <= summary["step"] < STEPS, out[-3000:]
+    tag = (run_dir / "checkpoints" / "latest").read_text().strip()
+    assert tag == f"step_{summary['step']:08d}" and (run_dir / "checkpoints" / tag / "COMPLETE").is_file()
+    launch("launchers/distill.py", ["--config", str(config), f"run_dir={run_dir}", "checkpoint.every_steps=0"],
+           launcher="deepspeed")
+    resumed, full = losses(run_dir), losses(full_run)
+    for step in range(summary["step"] + 1, STEPS + 1):
+        assert resumed[step] == pytest.approx(full[step], rel=1e-6, abs=1e-9), step
