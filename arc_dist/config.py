@@ -70,7 +70,10 @@ class RelationLossConfig:
     weight_qq: float = option(1.0, "Weight of the query-query relation loss.")
     weight_kk: float = option(1.0, "Weight of the key-key relation loss.")
     weight_vv: float = option(1.0, "Weight of the value-value relation loss.")
-    chunk_size: int = option(128, "Query rows per chunk in the fused relation loss (memory is linear in it).")
+    chunk_size: int | None = option(
+        None, "Query rows per chunk in the fused relation loss (memory is linear in it); null = automatic "
+        "(about 4M elements per work buffer)."
+    )
 
 
 @dataclass
@@ -239,7 +242,7 @@ class DistillJobConfig:
         _require(self.teacher.path, "teacher.path", "a local Hugging Face model directory")
         _require(self.data.path, "data.path", "a corpus directory written by `arc prepare-corpus`")
         _positive(self, "student.layers", "student.hidden", "student.heads", "data.seq_len",
-                  "train.steps", "train.micro_batch_size", "train.grad_accum", "loss.chunk_size",
+                  "train.steps", "train.micro_batch_size", "train.grad_accum",
                   "metrics.log_every", "checkpoint.keep_last", "data.shuffle_shards_per_group")
         _non_negative(self, "data.num_workers", "optim.warmup_steps", "optim.grad_clip", "optim.weight_decay",
                       "checkpoint.every_steps", "loss.weight_qq", "loss.weight_kk", "loss.weight_vv")
@@ -254,6 +257,8 @@ class DistillJobConfig:
             raise ConfigError(f"optim.lr={self.optim.lr} must be in (0, 1)")
         if self.teacher.layer == 0:
             raise ConfigError("teacher.layer=0 is invalid: use a 1-based index (1 = lowest layer) or a negative one")
+        if self.loss.chunk_size is not None and self.loss.chunk_size < 1:
+            raise ConfigError(f"loss.chunk_size={self.loss.chunk_size} must be >= 1 (or null for automatic)")
         if self.loss.relation_heads is not None and self.loss.relation_heads < 1:
             raise ConfigError(f"loss.relation_heads={self.loss.relation_heads} must be >= 1 (or null for the default)")
         if self.loss.weight_qq + self.loss.weight_kk + self.loss.weight_vv == 0:

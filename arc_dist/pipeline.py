@@ -50,7 +50,10 @@ def run_stage(stage: str, config: Path, run_dir: Path, overrides: list[str], npr
         print(f"[{stage}] already complete in {run_dir}; skipping")
         return json.loads(summary_path.read_text())
     launcher = {"finetune": "finetune_teacher.py", "distill": "distill.py", "compress": "compress.py"}[stage]
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(nprocs),
+    from arc_dist.engine.distributed import free_port
+
+    # A free rendezvous port per job: the launcher's default (29500) collides with anything else running here.
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(nprocs), "--master_port", str(free_port()),
            str(REPO / "launchers" / launcher), "--config", str(config), f"run_dir={run_dir}", "--resume", "auto",
            *overrides]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}

@@ -20,7 +20,7 @@ with configs/distill_minilm.yaml on WikiText-2 shards made by arc_dist.demo.ensu
 are copied into the student where the widths match, as arc_dist.pipeline does).
 
 Every job is a subprocess started through the `deepspeed` launcher by `arc_dist.pipeline.run_stage` (on a free
-master port, see `free_master_ports`) on --nprocs local ranks, in its own run directory under --runs-dir
+master port) on --nprocs local ranks, in its own run directory under --runs-dir
 (<task>/seed<S>/<method>); a finished run is skipped and an interrupted one resumes, so re-running the command
 continues where it stopped. Each job's output goes to <run_dir>/launch.log. Parameters are counted on the exported
 models; the speed-up is `compare_latency` of each exported model against the teacher on one batch of 32 dev
@@ -37,7 +37,6 @@ import contextlib
 import json
 import os
 import shutil
-import socket
 import statistics
 import sys
 import tempfile
@@ -162,39 +161,6 @@ def output_to(log_path: Path):
             os.close(saved[1])
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def free_master_ports():
-    """Give every `deepspeed` launch made by arc_dist.pipeline.run_stage a free --master_port.
-
-    run_stage starts the launcher without --master_port, so every job binds DeepSpeed's default 29500 and dies
-    with EADDRINUSE whenever anything else on the machine holds that port (another pipeline, a test run). Until
-    run_stage picks a free port itself, its `subprocess.call` is wrapped here to add one.
-    """
-    real = pipeline.subprocess
-
-    class _WithPort:
-        def __getattr__(self, name):
-            return getattr(real, name)
-
-        @staticmethod
-        def call(cmd, *a, **kw):
-            if Path(cmd[0]).name == "deepspeed" and "--master_port" not in cmd:
-                cmd = [cmd[0], "--master_port", str(free_port()), *cmd[1:]]
-            return real.call(cmd, *a, **kw)
-
-    pipeline.subprocess = _WithPort()
-    try:
-        yield
-    finally:
-        pipeline.subprocess = real
-
-
 def completed(run_dir: Path) -> bool:
     path = run_dir / "summary.json"
     return path.is_file() and bool(json.loads(path.read_text()).get("completed"))
@@ -209,7 +175,7 @@ def launch(name: str, stage: str, config: Path, run_dir: Path, overrides: list[s
     print(f"  {name:<28} running ({stage}, {args.nprocs} rank(s)), log {run_dir / 'launch.log'} ...", end="",
           flush=True)
     try:
-        with output_to(run_dir / "launch.log"), free_master_ports():
+        with output_to(run_dir / "launch.log"):
             summary = pipeline.run_stage(stage, config, run_dir, overrides, args.nprocs)
     except ArcError as e:
         print(" FAILED", flush=True)

@@ -16,7 +16,7 @@ on both sides of the score matmul, so it gets a row term and a column term). Not
 which only rescales the saved gradient by ``grad_output``. Memory: four reused [B * A_r, chunk_size, S] work buffers
 (O(B * A_r * chunk_size * S) transient) plus O(B * S * d_s) saved for backward -- linear in S for a fixed chunk size.
 The work buffers are reused across chunks rather than freshly allocated because on CPU every fresh allocation of
-that size costs page faults; chunk_size 64 was the fastest of 16..256 on CPU at S = 512 (benchmarks/relation_loss.py).
+that size costs page faults. The automatic chunk size (`auto_chunk_size`) keeps each buffer near 4M elements.
 
 Numerics: everything is computed in float32 (float64 stays float64) even for bf16/fp16 inputs; the gradient is
 returned in the student input's dtype. Padded key columns get -inf before both softmaxes and padded query rows are
@@ -223,19 +223,31 @@ class _FusedRelationKL(torch.autograd.Function):
         return (grad_x * grad_output).to(ctx.student_dtype), None, None, None, None, None
 
 
+# Automatic chunking targets this many elements per work buffer (16 MiB in fp32): large enough for efficient
+# matmuls, small enough to stay cache- and allocator-friendly. It picks 64 rows at B=8, A_r=12, S=512 and 16 rows
+# at B=32, A_r=48, S=128, the fastest measured for each on CPU (benchmarks/relation_loss.py, stage1_step.py).
+AUTO_CHUNK_ELEMENTS = 1 << 22
+
+
+def auto_chunk_size(batch: int, num_relation_heads: int, seq_len: int) -> int:
+    rows = max(1, AUTO_CHUNK_ELEMENTS // max(1, batch * num_relation_heads * seq_len))
+    return min(seq_len, 1 << (rows.bit_length() - 1))
+
+
 class RelationLoss(nn.Module):
     """MiniLMv2 QQ/KK/VV self-attention relation loss with a row-chunked, fused forward/backward.
 
     ``num_relation_heads`` (A_r) must divide both model widths; ``weights`` maps "qq"/"kk"/"vv" to non-negative
     factors (default 1 each); ``chunk_size`` is the number of query rows processed at once (memory/speed trade-off:
-    transient memory is B * A_r * chunk_size * S floats per live intermediate).
+    transient memory is B * A_r * chunk_size * S floats per live intermediate); None sizes it automatically.
     """
 
-    def __init__(self, num_relation_heads: int, weights: dict[str, float] | None = None, chunk_size: int = 64):
+    def __init__(self, num_relation_heads: int, weights: dict[str, float] | None = None,
+                 chunk_size: int | None = None):
         super().__init__()
         _check_num_heads(num_relation_heads)
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-            raise ConfigError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
+        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+            raise ConfigError(f"chunk_size must be an integer >= 1 (or None for automatic), got {chunk_size!r}")
         self.num_relation_heads = num_relation_heads
         self.weights = _check_weights(weights)
         if not any(self.weights.values()):
@@ -259,7 +271,8 @@ class RelationLoss(nn.Module):
                     # Still reported for logging, but kept out of the graph so it costs no gradient work.
                     x_s = x_s.detach()
                 need_grad = grad_enabled and x_s.requires_grad
-                loss = _FusedRelationKL.apply(x_s, x_t, valid, self.num_relation_heads, self.chunk_size, need_grad)
+                chunk = self.chunk_size or auto_chunk_size(x_s.shape[0], self.num_relation_heads, x_s.shape[1])
+                loss = _FusedRelationKL.apply(x_s, x_t, valid, self.num_relation_heads, chunk, need_grad)
                 per_relation[name] = loss.detach()
                 if weight != 0.0:
                     losses.append(loss * weight)

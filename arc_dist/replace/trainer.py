@@ -24,7 +24,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
-from transformers import AutoConfig, AutoModelForSequenceClassification
+from transformers import AutoModelForSequenceClassification
 
 from arc_dist.config import CompressJobConfig, FinetuneJobConfig, KDConfig, save_config
 from arc_dist.data.corpus import tokenizer_fingerprint

@@ -256,3 +256,18 @@ def test_gradcheck_float64():
     mask = ragged_mask([5, 3], 5)
     loss = RelationLoss(2, weights={"qq": 1.0, "kk": 0.5, "vv": 2.0}, chunk_size=2)
     assert torch.autograd.gradcheck(lambda q, k, v: loss(teacher, (q, k, v), mask).total, student)
+
+
+def test_automatic_chunk_size_matches_reference():
+    from arc_dist.distill.relation_loss import auto_chunk_size
+
+    assert auto_chunk_size(8, 12, 512) == 64 and auto_chunk_size(32, 48, 128) == 16
+    assert auto_chunk_size(2, 2, 7) == 7  # never more rows than the sequence has
+    g = torch.Generator().manual_seed(11)
+    teacher = tuple(torch.randn(2, 9, 12, generator=g) for _ in range(3))
+    student = tuple(torch.randn(2, 9, 6, generator=g, requires_grad=True) for _ in range(3))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, 6:] = 0
+    got = RelationLoss(3)(teacher, student, mask).total
+    want = reference_relation_loss(teacher, student, mask, 3).total
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
