@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import random
+import signal
 from pathlib import Path
 from typing import Iterator
 
@@ -180,4 +181,13 @@ def build_stream_loader(
         # Starting an iterator draws a base seed; from a private generator, so that it never consumes the global
         # RNG (which drives dropout) and a resumed run's dropout stream equals an uninterrupted one's.
         generator=torch.Generator().manual_seed(seed),
+        worker_init_fn=_ignore_stop_signals,
     )
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Loader workers ignore SIGTERM/SIGUSR1: launchers (torchrun) and Slurm signal the whole process group, and
+    a worker dying on it would crash its rank before the rank's own handler could finish the step and write the
+    stop checkpoint. The workers end with their rank."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
