@@ -152,3 +152,66 @@ def launch(
 
 def read_jsonl(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def write_sst2(glue_dir: str | Path, n_train: int = 400, n_dev: int = 60, seed: int = 0) -> Path:
+    """A learnable task in SST-2's official TSV layout: label 1 iff the sentence mentions 'river'."""
+    rng = random.Random(seed)
+    folder = Path(glue_dir) / "SST-2"
+    folder.mkdir(parents=True)
+    for split, n in (("train", n_train), ("dev", n_dev)):
+        rows = ["sentence\tlabel"]
+        for i in range(n):
+            words = [w for w in rng.sample(WORDS, rng.randint(4, 12)) if w != "river"] + (["river"] if i % 2 else [])
+            rng.shuffle(words)
+            rows.append(f"{' '.join(words)}\t{i % 2}")
+        (folder / f"{split}.tsv").write_text("\n".join(rows) + "\n")
+    return Path(glue_dir)
+
+
+def tiny_stage1(root: Path, steps: int) -> dict:
+    """A tiny 4-layer teacher, a 4-shard corpus (2 ranks x 2 workers) and a stage-1 config dict for them."""
+    from transformers import AutoTokenizer
+
+    from arc_dist.data.corpus import prepare_corpus
+
+    teacher = make_teacher_dir(root / "teacher", layers=4, hidden=64, heads=4, intermediate=128, max_positions=64)
+    text = synthetic_text(root / "corpus.txt", n_lines=1500)
+    prepare_corpus([str(text)], AutoTokenizer.from_pretrained(teacher), root / "corpus", seq_len=32,
+                   samples_per_shard=200, min_shards=4)
+    return {
+        "teacher": {"path": str(teacher), "layer": -1},
+        "student": {"layers": 2, "hidden": 32, "heads": 4, "intermediate": 64},
+        "loss": {"relation_heads": 4, "chunk_size": 16},
+        "data": {"path": str(root / "corpus"), "seq_len": 32, "num_workers": 2},
+        "optim": {"lr": 2e-3, "warmup_steps": 3},
+        "train": {"steps": steps, "micro_batch_size": 8, "seed": 7, "precision": "fp32"},
+        "checkpoint": {"every_steps": 10, "keep_last": 2},
+        "metrics": {"log_every": 1, "progress_bar": False},
+    }
+
+
+def tiny_stage2(root: Path, finetune_steps: int, compress_steps: int, replacing_steps: int,
+                eval_every: int) -> tuple[dict, dict]:
+    """SST-2-format data, a pre-trained 4x128 teacher-to-be and a 2x64 student; (finetune, compress) configs."""
+    write_sst2(root / "glue")
+    tok = make_tokenizer(root / "pretrained")
+    make_bert(root / "pretrained", vocab_size=len(tok), layers=4, hidden=128, heads=4, intermediate=256,
+              max_positions=64, seed=1)
+    tok.save_pretrained(root / "student_init")
+    make_bert(root / "student_init", vocab_size=len(tok), layers=2, hidden=64, heads=4, intermediate=128,
+              max_positions=64, seed=2)
+    common = {
+        "data": {"task": "sst2", "glue_dir": str(root / "glue"), "max_seq_len": 32, "eval_every_steps": eval_every,
+                 "eval_batch_size": 16},
+        "metrics": {"log_every": 1, "progress_bar": False},
+    }
+    finetune = {**common, "model": str(root / "pretrained"), "optim": {"lr": 1e-3},
+                "train": {"steps": finetune_steps, "micro_batch_size": 16, "precision": "fp32"},
+                "checkpoint": {"every_steps": 0}}
+    compress = {**common, "student": {"path": str(root / "student_init")},
+                "schedule": {"kind": "linear", "base": 0.3, "replacing_steps": replacing_steps},
+                "optim": {"lr": 1e-3},
+                "train": {"steps": compress_steps, "micro_batch_size": 8, "seed": 3, "precision": "fp32"},
+                "checkpoint": {"every_steps": 10, "keep_last": 2}}
+    return finetune, compress

@@ -3,58 +3,23 @@
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
 import torch
 import yaml
 
-from helpers import WORDS, launch, make_bert, make_tokenizer, read_jsonl
+from helpers import launch, read_jsonl, tiny_stage2
 
 pytestmark = pytest.mark.slow
 
 STEPS, REPLACING = 40, 24
 
 
-def write_sst2(glue_dir, n_train=400, n_dev=60, seed=0):
-    """A learnable SST-2-format task: label 1 iff the sentence mentions 'river'."""
-    rng = random.Random(seed)
-    folder = glue_dir / "SST-2"
-    folder.mkdir(parents=True)
-    for split, n in (("train", n_train), ("dev", n_dev)):
-        rows = ["sentence\tlabel"]
-        for i in range(n):
-            words = rng.sample(WORDS, rng.randint(4, 12))
-            label = i % 2
-            words = [w for w in words if w != "river"] + (["river"] if label else [])
-            rng.shuffle(words)
-            rows.append(f"{' '.join(words)}\t{label}")
-        (folder / f"{split}.tsv").write_text("\n".join(rows) + "\n")
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("stage2")
-    write_sst2(root / "glue")
-    tok = make_tokenizer(root / "pretrained")
-    make_bert(root / "pretrained", vocab_size=len(tok), layers=4, hidden=128, heads=4, intermediate=256,
-              max_positions=64, seed=1)
-    tok.save_pretrained(root / "student_init")
-    make_bert(root / "student_init", vocab_size=len(tok), layers=2, hidden=64, heads=4, intermediate=128,
-              max_positions=64, seed=2)
-    common = {
-        "data": {"task": "sst2", "glue_dir": str(root / "glue"), "max_seq_len": 32, "eval_every_steps": 20,
-                 "eval_batch_size": 16},
-        "metrics": {"log_every": 1, "progress_bar": False},
-    }
-    finetune = {**common, "model": str(root / "pretrained"), "optim": {"lr": 1e-3},
-                "train": {"steps": 30, "micro_batch_size": 16, "precision": "fp32"},
-                "checkpoint": {"every_steps": 0}}
-    compress = {**common, "student": {"path": str(root / "student_init")},
-                "schedule": {"kind": "linear", "base": 0.3, "replacing_steps": REPLACING},
-                "optim": {"lr": 1e-3},
-                "train": {"steps": STEPS, "micro_batch_size": 8, "seed": 3, "precision": "fp32"},
-                "checkpoint": {"every_steps": 10, "keep_last": 2}}
+    finetune, compress = tiny_stage2(root, finetune_steps=30, compress_steps=STEPS, replacing_steps=REPLACING,
+                                     eval_every=20)
     (root / "finetune.yaml").write_text(yaml.safe_dump(finetune))
     (root / "compress.yaml").write_text(yaml.safe_dump(compress))
     return root

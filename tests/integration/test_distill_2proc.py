@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-from helpers import launch, make_teacher_dir, read_jsonl, synthetic_text
+from helpers import launch, read_jsonl, tiny_stage1
 
 pytestmark = pytest.mark.slow
 
@@ -17,27 +17,9 @@ STEPS = 30
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    """A tiny 4-layer teacher, a 4-shard corpus (2 ranks x 2 workers) and a base config."""
     root = tmp_path_factory.mktemp("stage1")
-    teacher = make_teacher_dir(root / "teacher", layers=4, hidden=64, heads=4, intermediate=128, max_positions=64)
-    text = synthetic_text(root / "corpus.txt", n_lines=1500)
-    from arc_dist.data.corpus import prepare_corpus
-    from transformers import AutoTokenizer
-
-    prepare_corpus([str(text)], AutoTokenizer.from_pretrained(teacher), root / "corpus", seq_len=32,
-                   samples_per_shard=200, min_shards=4)
-    config = {
-        "teacher": {"path": str(teacher), "layer": -1},
-        "student": {"layers": 2, "hidden": 32, "heads": 4, "intermediate": 64},
-        "loss": {"relation_heads": 4, "chunk_size": 16},
-        "data": {"path": str(root / "corpus"), "seq_len": 32, "num_workers": 2},
-        "optim": {"lr": 2e-3, "warmup_steps": 3},
-        "train": {"steps": STEPS, "micro_batch_size": 8, "seed": 7, "precision": "fp32"},
-        "checkpoint": {"every_steps": 10, "keep_last": 2},
-        "metrics": {"log_every": 1, "progress_bar": False},
-    }
     path = root / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
+    path.write_text(yaml.safe_dump(tiny_stage1(root, STEPS)))
     return root, path
 
 

@@ -6,8 +6,7 @@ import json
 
 import pytest
 
-from helpers import launch, make_teacher_dir, synthetic_text
-from test_compress_2proc import write_sst2
+from helpers import launch, make_teacher_dir, synthetic_text, write_sst2
 
 pytestmark = pytest.mark.slow
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import REPO, make_teacher_dir, read_jsonl, synthetic_text
+from helpers import REPO, read_jsonl, tiny_stage1, tiny_stage2
 
 try:
     from slurm_harness import slurm_cluster, timeline  # noqa: F401  (slurm_cluster: the session fixture)
@@ -121,27 +121,10 @@ def test_usr1_to_batch_shell_stops_requeues_and_resumes(slurm_cluster, tmp_path)
 
 @pytest.fixture(scope="module")
 def stage1(tmp_path_factory):
-    if not (REPO / "launchers" / "distill.py").is_file():
-        pytest.skip("launchers/distill.py does not exist")
     root = tmp_path_factory.mktemp("slurm_stage1")
-    teacher = make_teacher_dir(root / "teacher", layers=4, hidden=64, heads=4, intermediate=128, max_positions=64)
-    text = synthetic_text(root / "corpus.txt", n_lines=1500)
-    from transformers import AutoTokenizer
-
-    from arc_dist.data.corpus import prepare_corpus
-
-    prepare_corpus([str(text)], AutoTokenizer.from_pretrained(teacher), root / "corpus", seq_len=32,
-                   samples_per_shard=200, min_shards=4)
-    config = {
-        "teacher": {"path": str(teacher), "layer": -1},
-        "student": {"layers": 2, "hidden": 32, "heads": 4, "intermediate": 64},
-        "loss": {"relation_heads": 4, "chunk_size": 16},
-        "data": {"path": str(root / "corpus"), "seq_len": 32, "num_workers": 2},
-        "optim": {"lr": 2e-3, "warmup_steps": 3},
-        "train": {"steps": STEPS, "micro_batch_size": 8, "seed": 7, "precision": "fp32"},
-        "checkpoint": {"every_steps": 20, "keep_last": 2},
-        "metrics": {"log_every": 1, "progress_bar": False, "peak_tflops": 1.0},
-    }
+    config = tiny_stage1(root, STEPS)
+    config["checkpoint"]["every_steps"] = 20
+    config["metrics"]["peak_tflops"] = 1.0
     path = root / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     (root / "logs").mkdir()
@@ -243,51 +226,12 @@ def test_distill_preempted_requeues_and_resumes_exactly(slurm_cluster, stage1, f
 
 # ----------------------------------------------------------------------------------------------- stage 2
 
-def write_sst2(folder: Path, n_train: int = 400, n_dev: int = 60, seed: int = 0) -> None:
-    """A learnable SST-2-format task (label 1 iff the sentence mentions 'river'), as in test_compress_2proc."""
-    import random
-
-    from helpers import WORDS
-
-    rng = random.Random(seed)
-    (folder / "SST-2").mkdir(parents=True)
-    for split, n in (("train", n_train), ("dev", n_dev)):
-        rows = ["sentence\tlabel"]
-        for i in range(n):
-            words = [w for w in rng.sample(WORDS, rng.randint(4, 12)) if w != "river"] + (["river"] if i % 2 else [])
-            rng.shuffle(words)
-            rows.append(f"{' '.join(words)}\t{i % 2}")
-        (folder / "SST-2" / f"{split}.tsv").write_text("\n".join(rows) + "\n")
-
-
 @pytest.fixture(scope="module")
 def stage2(tmp_path_factory):
-    for launcher in ("finetune_teacher.py", "compress.py"):
-        if not (REPO / "launchers" / launcher).is_file():
-            pytest.skip(f"launchers/{launcher} does not exist yet")
-    from helpers import make_bert, make_tokenizer
-
     root = tmp_path_factory.mktemp("slurm_stage2")
-    write_sst2(root / "glue")
-    tok = make_tokenizer(root / "pretrained")
-    make_bert(root / "pretrained", vocab_size=len(tok), layers=4, hidden=128, heads=4, intermediate=256,
-              max_positions=64, seed=1)
-    tok.save_pretrained(root / "student_init")
-    make_bert(root / "student_init", vocab_size=len(tok), layers=2, hidden=64, heads=4, intermediate=128,
-              max_positions=64, seed=2)
-    common = {
-        "data": {"task": "sst2", "glue_dir": str(root / "glue"), "max_seq_len": 32, "eval_every_steps": 0,
-                 "eval_batch_size": 16},
-        "metrics": {"log_every": 1, "progress_bar": False, "peak_tflops": 1.0},
-    }
-    finetune = {**common, "model": str(root / "pretrained"), "optim": {"lr": 1e-3},
-                "train": {"steps": 20, "micro_batch_size": 16, "precision": "fp32"},
-                "checkpoint": {"every_steps": 0}}
-    compress = {**common, "student": {"path": str(root / "student_init")},
-                "schedule": {"kind": "linear", "base": 0.3, "replacing_steps": 12},
-                "optim": {"lr": 1e-3},
-                "train": {"steps": 20, "micro_batch_size": 8, "seed": 3, "precision": "fp32"},
-                "checkpoint": {"every_steps": 10, "keep_last": 2}}
+    finetune, compress = tiny_stage2(root, finetune_steps=20, compress_steps=20, replacing_steps=12, eval_every=0)
+    for config in (finetune, compress):
+        config["metrics"]["peak_tflops"] = 1.0
     (root / "finetune.yaml").write_text(yaml.safe_dump(finetune))
     (root / "compress.yaml").write_text(yaml.safe_dump(compress))
     (root / "logs").mkdir()
