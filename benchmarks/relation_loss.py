@@ -148,7 +148,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--heads", type=int, default=12, help="relation heads A_r")
     parser.add_argument("--teacher-width", type=int, default=768)
     parser.add_argument("--student-width", type=int, default=384)
-    parser.add_argument("--chunk-size", type=int, default=None, help="RelationLoss chunk_size (default: its default)")
+    parser.add_argument("--chunk-size", type=int, default=None,
+                        help="RelationLoss chunk_size (default: automatic, as in training)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument("--repeats", type=int, default=None, help="timed repetitions per method (default 7, quick 3)")
@@ -158,13 +159,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.seq_lens = args.seq_lens or ([64, 128] if args.quick else [128, 512, 1024])
     args.batch = args.batch or (2 if args.quick else 8)
     args.repeats = args.repeats or (3 if args.quick else 7)
-    if args.chunk_size is None:
-        args.chunk_size = RelationLoss(args.heads).chunk_size
     # What a memory-measuring subprocess needs to rebuild the same inputs.
     args.forward_args = [
         f"--batch={args.batch}", f"--heads={args.heads}", f"--teacher-width={args.teacher_width}",
-        f"--student-width={args.student_width}", f"--chunk-size={args.chunk_size}", f"--device={args.device}",
-        f"--dtype={args.dtype}",
+        f"--student-width={args.student_width}", f"--device={args.device}", f"--dtype={args.dtype}",
+        *([f"--chunk-size={args.chunk_size}"] if args.chunk_size else []),
     ]  # fmt: skip
     return args
 
