@@ -24,7 +24,7 @@ from arc_dist.errors import ArcError, ConfigError
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ("finetune", "distill", "compress")
 
-# Sizes per profile. "demo" finishes on 2 CPU cores in about 15 minutes; "full" is the real recipe (all training
+# Sizes per profile. "demo" finishes on 2 CPU cores in 15-20 minutes; "full" is the real recipe (all training
 # data, full step budgets) for a GPU node. Anything here can be overridden with --set STAGE.key=value.
 PROFILES: dict[str, dict[str, list[str]]] = {
     "demo": {
