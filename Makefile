@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch first and pinned: an unpinned resolve would pull several GB of CUDA wheels.
 	$(BIN)/python -m pip install -q -c constraints.txt torch
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[demo,test]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[demo,test,bench]'
 	rm -f $(VENV)/.installed-* && touch $@
 
 demo: venv

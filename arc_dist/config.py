@@ -107,13 +107,22 @@ class TrainConfig:
         None, "Stop after this step with a checkpoint, without finishing (time-sliced runs); resume continues."
     )
     precision: Literal["auto", "fp32", "bf16"] = option(
-        "auto", "Compute precision: auto = bf16 on GPU, fp32 on CPU."
+        "auto", "Compute precision: auto = bf16 where bf16 matmuls are native (CUDA; CPUs with AMX or AVX512-BF16), "
+        "else fp32 (emulated bf16 is many times slower than fp32)."
     )
     student_ds_config: str = option(
         "ds_configs/student_zero2.json", "DeepSpeed JSON of the student engine (ZeRO-2 default; student_zero3.json works)."
     )
     teacher_ds_config: str = option(
         "ds_configs/teacher_zero3.json", "DeepSpeed JSON of the frozen teacher engine (ZeRO-3 inference)."
+    )
+    max_consecutive_skips: int = option(
+        5, "An optimizer step whose loss or gradients are not finite is skipped (counted in train/skipped_steps); "
+        "after this many in a row the run stops with an error, keeping the last good checkpoint.",
+    )
+    rank_timeout_s: float = option(
+        120.0, "Seconds without a heartbeat from another rank (killed, crashed, node lost) after which the other "
+        "ranks exit with an error naming it instead of waiting in a collective; 0 disables the watchdog.",
     )
 
 
@@ -242,10 +251,10 @@ class DistillJobConfig:
         _require(self.teacher.path, "teacher.path", "a local Hugging Face model directory")
         _require(self.data.path, "data.path", "a corpus directory written by `arc prepare-corpus`")
         _positive(self, "student.layers", "student.hidden", "student.heads", "data.seq_len",
-                  "train.steps", "train.micro_batch_size", "train.grad_accum",
+                  "train.steps", "train.micro_batch_size", "train.grad_accum", "train.max_consecutive_skips",
                   "metrics.log_every", "checkpoint.keep_last", "data.shuffle_shards_per_group")
         _non_negative(self, "data.num_workers", "optim.warmup_steps", "optim.grad_clip", "optim.weight_decay",
-                      "checkpoint.every_steps", "loss.weight_qq", "loss.weight_kk", "loss.weight_vv")
+                      "train.rank_timeout_s", "checkpoint.every_steps", "loss.weight_qq", "loss.weight_kk", "loss.weight_vv")
         if self.student.hidden % self.student.heads:
             raise ConfigError(
                 f"student.heads={self.student.heads} must divide student.hidden={self.student.hidden}; "
@@ -325,10 +334,11 @@ class CompressJobConfig:
 
 
 def _validate_glue_job(cfg: Any) -> None:
-    _positive(cfg, "train.steps", "train.micro_batch_size", "train.grad_accum", "data.max_seq_len",
+    _positive(cfg, "train.steps", "train.micro_batch_size", "train.grad_accum", "train.max_consecutive_skips",
+              "data.max_seq_len",
               "data.eval_batch_size", "metrics.log_every", "checkpoint.keep_last")
     _non_negative(cfg, "data.eval_every_steps", "optim.warmup_steps", "optim.grad_clip", "optim.weight_decay",
-                  "checkpoint.every_steps", "kd.weight")
+                  "train.rank_timeout_s", "checkpoint.every_steps", "kd.weight")
     if not 0 < cfg.optim.lr < 1:
         raise ConfigError(f"optim.lr={cfg.optim.lr} must be in (0, 1)")
     if cfg.kd.temperature <= 0:

@@ -102,7 +102,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr-teacher", type=float, default=None,
                    help="teacher fine-tuning learning rate (default: finetune_minilm_sst2.yaml's 5e-5; quick 1e-3)")
     p.add_argument("--precision", choices=("fp32", "bf16", "auto"), default=None,
-                   help="training precision (default bf16 as the configs; quick fp32)")
+                   help="training precision (default auto as the configs: bf16 where native, else fp32; quick fp32)")
     p.add_argument("--latency-repeats", type=int, default=None, help="compare_latency repeats (default 10; quick 3)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads of this process (default: all cores, os.cpu_count())")
@@ -126,7 +126,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.train_subset = 12000
     args.nprocs = args.nprocs or (1 if q else 2)
     args.eval_every = args.eval_every or max(1, args.steps // (2 if q else 5))
-    args.precision = args.precision or ("fp32" if q else "bf16")
+    args.precision = args.precision or ("fp32" if q else "auto")
     args.latency_repeats = args.latency_repeats or (3 if q else 10)
     args.lr_student = args.lr_student or (1e-3 if q else 1e-4)
     args.lr_teacher = args.lr_teacher or (1e-3 if q else None)
@@ -222,9 +222,9 @@ def stage1_student(args, pretrained: Path, runs: Path) -> tuple[Path, dict]:
                  f"student.layers={args.student_layers}", f"student.hidden={args.student_hidden}",
                  f"student.heads={args.student_heads}", f"student.intermediate={4 * args.student_hidden}",
                  f"train.steps={args.stage1_steps}", f"optim.warmup_steps={min(20, args.stage1_steps)}",
-                 "metrics.progress_bar=false", "checkpoint.keep_last=1"]
+                 f"train.precision={args.precision}", "metrics.progress_bar=false", "checkpoint.keep_last=1"]
     if args.quick:
-        overrides += ["train.precision=fp32", "loss.chunk_size=16", "checkpoint.every_steps=0"]
+        overrides += ["loss.chunk_size=16", "checkpoint.every_steps=0"]
     summary = launch("stage 1 (relation distill)", "distill", DISTILL_CFG, runs / "stage1", overrides, args)
     import yaml
 

@@ -28,7 +28,10 @@ from arc_dist.data.stream import build_stream_loader
 from arc_dist.distill.relation_loss import RelationLoss, check_relation_heads
 from arc_dist.engine.checkpoint import Checkpointer
 from arc_dist.engine.distributed import init_distributed, load_ds_config, resolve_dtype, zero_stage
+from arc_dist.engine.divergence import DivergenceGuard, check_skipping_supported
+from arc_dist.engine.faults import poison_loss
 from arc_dist.engine.preemption import STOP_FILE, PreemptionHandler
+from arc_dist.engine.watchdog import RankWatchdog
 from arc_dist.metrics import (
     MetricsLogger,
     Throughput,
@@ -80,20 +83,22 @@ def train(cfg: DistillJobConfig) -> dict[str, Any]:
     # Every check that needs only configs and the corpus manifest runs before the process group forms.
     setup_logging(int(os.environ.get("RANK", "0")))
     plan, teacher_config, tokenizer = plan_stage1(cfg, int(os.environ.get("WORLD_SIZE", "1")))
-    env = init_distributed()
-    run_dir = Path(cfg.run_dir)
-    if env.is_main:
-        save_config(cfg, run_dir / "config.yaml")
     bf16 = plan.dtype == torch.bfloat16
     mbs, accum = cfg.train.micro_batch_size, cfg.train.grad_accum
-
-    # ---- teacher: truncated, frozen, partitioned across ranks at load (ZeRO-3), its own inference engine ----
     teacher_ds = load_ds_config(cfg.train.teacher_ds_config,
                                 {"train_micro_batch_size_per_gpu": mbs, "bf16.enabled": bf16})
     student_ds = load_ds_config(cfg.train.student_ds_config, {
         "train_micro_batch_size_per_gpu": mbs, "gradient_accumulation_steps": accum,
         "gradient_clipping": cfg.optim.grad_clip, "bf16.enabled": bf16,
     })
+    check_skipping_supported(student_ds, cfg.train.student_ds_config)
+    env = init_distributed()
+    watchdog = RankWatchdog(env.rank, env.world_size, cfg.train.rank_timeout_s)  # a dead rank ends the job, bounded
+    run_dir = Path(cfg.run_dir)
+    if env.is_main:
+        save_config(cfg, run_dir / "config.yaml")
+
+    # ---- teacher: truncated, frozen, partitioned across ranks at load (ZeRO-3), its own inference engine ----
     teacher = load_teacher_qkv(cfg.teacher.path, plan.teacher_layer,
                                teacher_ds if zero_stage(teacher_ds) == 3 else None, plan.dtype)
     teacher_engine, *_ = deepspeed.initialize(model=teacher, config=teacher_ds)
@@ -123,11 +128,13 @@ def train(cfg: DistillJobConfig) -> dict[str, Any]:
     # ---- resume: model/optimizer/scheduler from DeepSpeed, step + data position + RNG from our state ----
     checkpointer = Checkpointer(run_dir / "checkpoints", cfg.checkpoint.keep_last, env.rank)
     tag = checkpointer.resolve(cfg.checkpoint.resume)
-    start_step = 0
+    state = {"step": 0, "consecutive_skips": 0}
     torch.manual_seed(cfg.train.seed + env.rank)  # dropout streams differ per rank; restored on resume
     if tag is not None:
-        start_step = checkpointer.load(student_engine, tag)["step"]
-        log.info("resumed from %s at step %d", checkpointer.dir / tag, start_step)
+        state = checkpointer.load(student_engine, tag)
+        log.info("resumed from %s at step %d", checkpointer.dir / tag, state["step"])
+    start_step = state["step"]
+    divergence = DivergenceGuard(cfg.train.max_consecutive_skips, state.get("consecutive_skips", 0))
     loader = build_stream_loader(
         cfg.data.path, batch_size=mbs, rank=env.rank, world_size=env.world_size, seed=cfg.train.seed,
         num_workers=cfg.data.num_workers, start_batch=start_step * accum,
@@ -153,9 +160,10 @@ def train(cfg: DistillJobConfig) -> dict[str, Any]:
                 teacher_qkv = teacher_engine(batch["input_ids"], batch["attention_mask"])
             student_qkv = student_engine(batch["input_ids"], batch["attention_mask"])
             out = relation_loss(teacher_qkv, student_qkv, batch["attention_mask"])
-            student_engine.backward(out.total)
+            loss = poison_loss(out.total, step, env.rank)  # ARC_FAULTS (tests only): a NaN at a chosen step
+            student_engine.backward(loss)
             student_engine.step()
-            sums[:4] += torch.stack([out.total.detach(), *out.per_relation.values()]).double().cpu()
+            sums[:4] += torch.stack([loss.detach(), *out.per_relation.values()]).double().cpu()
             throughput.add(int(batch["attention_mask"].sum()))
         sums[4] = float(preemption.requested)
         dist.all_reduce(sums)  # mean losses over ranks for logging; any rank's stop request stops all ranks
@@ -163,12 +171,18 @@ def train(cfg: DistillJobConfig) -> dict[str, Any]:
         last_loss = loss
         stop = sums[4].item() > 0
         metrics.advance(loss=loss)
+        # DeepSpeed skips an update with non-finite gradients on every rank alike; N skips in a row end the run.
+        skipped = not student_engine.was_step_applied()
+        if divergence.record(step, not skipped, loss, student_engine.skipped_steps):
+            metrics.close()
+            raise divergence.error(step, checkpointer.newest())
 
-        if step % cfg.metrics.log_every == 0 or step == cfg.train.steps:
+        if step % cfg.metrics.log_every == 0 or step == cfg.train.steps or skipped:
             tokens_per_sec, _ = throughput.rate()
             metrics.log(step, {
                 "train/loss": loss, "train/loss_qq": loss_qq, "train/loss_kk": loss_kk, "train/loss_vv": loss_vv,
                 "train/lr": scheduler.get_last_lr()[0], "train/grad_norm": float(student_engine.get_global_grad_norm() or 0.0),
+                "train/skipped_steps": student_engine.skipped_steps,
                 "perf/tokens_per_sec": tokens_per_sec * env.world_size,
                 "perf/mfu": flops_per_token * tokens_per_sec / (peak_tflops * 1e12),
                 "memory/peak_gib": peak_memory_gib(env.device),
@@ -176,7 +190,8 @@ def train(cfg: DistillJobConfig) -> dict[str, Any]:
         every = cfg.checkpoint.every_steps
         stop = stop or step == cfg.train.stop_at_step
         if stop or step == cfg.train.steps or (every and step % every == 0):
-            checkpointer.save(student_engine, step, {"step": step, "data_batches": step * accum})
+            checkpointer.save(student_engine, step, {"step": step, "data_batches": step * accum,
+                                                     "consecutive_skips": divergence.consecutive})
         if stop:
             log.warning("stopping at step %d (%s); checkpoint written, resume continues from it", step,
                         preemption.signal_name or ("train.stop_at_step" if step == cfg.train.stop_at_step
@@ -199,6 +214,7 @@ def train(cfg: DistillJobConfig) -> dict[str, Any]:
     if env.is_main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     preemption.restore()
+    watchdog.close()
     return summary
 
 

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from arc_dist.engine.faults import stall_if_requested
 from arc_dist.errors import ConfigError
 
 log = logging.getLogger("arc_dist")
@@ -65,8 +66,13 @@ class Checkpointer:
         teacher's own directory, and would otherwise make every checkpoint as large as the teacher."""
         tag = self.tag_for(step)
         self.dir.mkdir(parents=True, exist_ok=True)
+        if self.rank == 0 and (self.dir / tag).is_dir() and not (self.dir / tag / COMPLETE).is_file():
+            # Left by a run killed while writing this very step: start it afresh, no stale file from before.
+            shutil.rmtree(self.dir / tag)
+        dist.barrier()
         engine.save_checkpoint(str(self.dir), tag=tag, client_state={"trainer": trainer_state}, save_latest=False,
                                exclude_frozen_parameters=exclude_frozen)
+        stall_if_requested("stall_save", step, self.rank)  # ARC_FAULTS (tests): a kill lands mid-checkpoint
         torch.save({"rng": rng_state(), "trainer": trainer_state}, self.dir / tag / f"rank_{self.rank:05d}.pt")
         dist.barrier()
         if self.rank == 0:
@@ -83,6 +89,9 @@ class Checkpointer:
         if resume == "none":
             return None
         if resume == "auto":
+            for folder in sorted(self.dir.glob("step_*")):
+                if not (folder / COMPLETE).is_file():
+                    log.warning("checkpoint %s is incomplete (the job stopped while writing it); ignored", folder)
             # Newest first; `latest` normally names the newest complete one, but a checkpoint damaged after it was
             # completed (a truncated copy, a lost shard) is reported and the previous complete one is used.
             for tag in reversed(self.complete_tags()):
@@ -139,6 +148,11 @@ class Checkpointer:
         own = torch.load(self.dir / tag / f"rank_{self.rank:05d}.pt", weights_only=False)
         set_rng_state(own["rng"])
         return own["trainer"]
+
+    def newest(self) -> str | None:
+        """The newest complete checkpoint's directory, for messages."""
+        tags = self.complete_tags()
+        return str(self.dir / tags[-1]) if tags else None
 
     def complete_tags(self) -> list[str]:
         if not self.dir.is_dir():

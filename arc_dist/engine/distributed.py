@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import datetime
 import json
+import logging
 import os
 import socket
 import sys
@@ -18,6 +19,7 @@ import torch.distributed as dist
 from arc_dist.errors import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+log = logging.getLogger("arc_dist")
 
 # Top-level DeepSpeed keys we accept. DeepSpeed silently ignores unknown keys, so a typo ("zero_optimisation")
 # would run a job without ZeRO at all; we refuse it instead.
@@ -81,9 +83,26 @@ def init_distributed(timeout_s: float = 600.0) -> DistEnv:
     return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 
+def native_bf16() -> bool:
+    """Whether bf16 matmuls run natively: a CUDA device that supports them, or a CPU with AMX or AVX512-BF16.
+    Elsewhere PyTorch emulates bf16, and it is far slower than fp32 (measured 0.6 vs 46 GFLOP/s per core on an
+    AVX2 EPYC, against ~4x faster than fp32 on an AMX Xeon)."""
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
 def resolve_dtype(precision: str) -> torch.dtype:
+    """train.precision -> dtype: 'auto' is bf16 where it is native (see `native_bf16`), else fp32."""
     if precision == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+        return torch.bfloat16 if native_bf16() else torch.float32
+    if precision == "bf16" and not native_bf16():
+        log.warning("train.precision=bf16 on a device without native bf16 matmuls: they are emulated and much "
+                    "slower than fp32 here; train.precision=auto picks the fast one")
     return {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
 
 

@@ -34,7 +34,10 @@ from arc_dist.data.sampling import ResumableBatchSampler, shard_for_eval, subset
 from arc_dist.distill.trainer import build_optimizer, build_scheduler
 from arc_dist.engine.checkpoint import Checkpointer
 from arc_dist.engine.distributed import init_distributed, load_ds_config, resolve_dtype, zero_stage
+from arc_dist.engine.divergence import DivergenceGuard, check_skipping_supported
+from arc_dist.engine.faults import poison_loss
 from arc_dist.engine.preemption import STOP_FILE, PreemptionHandler
+from arc_dist.engine.watchdog import RankWatchdog
 from arc_dist.errors import ConfigError
 from arc_dist.metrics import MetricsLogger, Throughput, peak_memory_gib, setup_logging
 from arc_dist.models.builders import load_model_config, load_tokenizer
@@ -75,25 +78,27 @@ def train_glue(cfg: FinetuneJobConfig | CompressJobConfig) -> dict[str, Any]:
                                     cfg.train.seed), models.tokenizer, cfg.data.max_seq_len)
     dev_sets = {split: GlueDataset(load_glue(spec, split, cfg.data.glue_dir), models.tokenizer,
                                    cfg.data.max_seq_len) for split in spec.dev_splits}
+    student_ds = load_ds_config(cfg.train.student_ds_config, {
+        "train_micro_batch_size_per_gpu": mbs, "gradient_accumulation_steps": accum,
+        "gradient_clipping": cfg.optim.grad_clip, "bf16.enabled": bf16,
+    })
+    check_skipping_supported(student_ds, cfg.train.student_ds_config)
+    teacher_ds = load_ds_config(cfg.train.teacher_ds_config,
+                                {"train_micro_batch_size_per_gpu": mbs, "bf16.enabled": bf16})
     env = init_distributed()  # after every check that needs only configs, model configs and data files
+    watchdog = RankWatchdog(env.rank, env.world_size, cfg.train.rank_timeout_s)  # a dead rank ends the job, bounded
     if env.is_main:
         save_config(cfg, run_dir / "config.yaml")
         log.info("%s: %d training examples, dev %s", spec.name, len(train_set),
                  {k: len(v) for k, v in dev_sets.items()})
 
     # ---- engines: the trained module (ZeRO-2 default), and a ZeRO-3 inference teacher for logit KD ----
-    student_ds = load_ds_config(cfg.train.student_ds_config, {
-        "train_micro_batch_size_per_gpu": mbs, "gradient_accumulation_steps": accum,
-        "gradient_clipping": cfg.optim.grad_clip, "bf16.enabled": bf16,
-    })
     optimizer = build_optimizer(models.module, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim.warmup_steps, cfg.train.steps)
     engine, _, _, scheduler = deepspeed.initialize(model=models.module, optimizer=optimizer,
                                                    lr_scheduler=scheduler, config=student_ds)
     kd_engine = None
     if cfg.kd.weight > 0:
-        teacher_ds = load_ds_config(cfg.train.teacher_ds_config,
-                                    {"train_micro_batch_size_per_gpu": mbs, "bf16.enabled": bf16})
         kd_model = AutoModelForSequenceClassification.from_pretrained(models.kd_teacher, dtype=dtype)
         kd_model.eval().requires_grad_(False)
         kd_engine, *_ = deepspeed.initialize(model=kd_model, config=teacher_ds)
@@ -104,7 +109,7 @@ def train_glue(cfg: FinetuneJobConfig | CompressJobConfig) -> dict[str, Any]:
     # ---- resume ----
     checkpointer = Checkpointer(run_dir / "checkpoints", cfg.checkpoint.keep_last, env.rank)
     tag = checkpointer.resolve(cfg.checkpoint.resume)
-    state: dict[str, Any] = {"step": 0, "best": None}
+    state: dict[str, Any] = {"step": 0, "best": None, "consecutive_skips": 0}
     torch.manual_seed(cfg.train.seed + env.rank)
     if tag is not None:
         state = checkpointer.load(engine, tag, strict=False)  # frozen teacher layers are not in checkpoints
@@ -112,6 +117,7 @@ def train_glue(cfg: FinetuneJobConfig | CompressJobConfig) -> dict[str, Any]:
             models.sampler.load_state_dict(state["sampler"])
         log.info("resumed from %s at step %d", checkpointer.dir / tag, state["step"])
     start_step = state["step"]
+    divergence = DivergenceGuard(cfg.train.max_consecutive_skips, state.get("consecutive_skips", 0))
     loader = DataLoader(
         train_set, collate_fn=lambda b: collate_glue(b, models.tokenizer.pad_token_id),
         batch_sampler=ResumableBatchSampler(len(train_set), mbs, env.rank, env.world_size, cfg.train.seed,
@@ -149,6 +155,7 @@ def train_glue(cfg: FinetuneJobConfig | CompressJobConfig) -> dict[str, Any]:
                 with torch.no_grad():
                     teacher_logits = kd_engine(**inputs).logits
                 loss = loss + cfg.kd.weight * kd_loss(logits, teacher_logits, cfg.kd, spec)
+            loss = poison_loss(loss, step, env.rank)  # ARC_FAULTS (tests only): a NaN at a chosen step
             engine.backward(loss)
             engine.step()
             sums[0] += loss.detach().double().cpu()
@@ -158,11 +165,17 @@ def train_glue(cfg: FinetuneJobConfig | CompressJobConfig) -> dict[str, Any]:
         loss_value = sums[0].item() / (accum * env.world_size)
         stop = sums[1].item() > 0 or step == cfg.train.stop_at_step
         metrics.advance(loss=loss_value)
+        # DeepSpeed skips an update with non-finite gradients on every rank alike; N skips in a row end the run.
+        skipped = not engine.was_step_applied()
+        if divergence.record(step, not skipped, loss_value, engine.skipped_steps):
+            metrics.close()
+            raise divergence.error(step, checkpointer.newest())
 
-        if step % cfg.metrics.log_every == 0 or step == cfg.train.steps:
+        if step % cfg.metrics.log_every == 0 or step == cfg.train.steps or skipped:
             samples_per_sec, _ = throughput.rate()
             scalars = {"train/loss": loss_value, "train/lr": scheduler.get_last_lr()[0],
                        "train/grad_norm": float(engine.get_global_grad_norm() or 0.0),
+                       "train/skipped_steps": engine.skipped_steps,
                        "perf/samples_per_sec": samples_per_sec * env.world_size,
                        "memory/peak_gib": peak_memory_gib(env.device)}
             if models.sampler is not None:
@@ -179,7 +192,8 @@ def train_glue(cfg: FinetuneJobConfig | CompressJobConfig) -> dict[str, Any]:
                                 extra={"metrics.json": {**best, "task": spec.name}})
         every = cfg.checkpoint.every_steps
         if stop or step == cfg.train.steps or (every and step % every == 0):
-            trainer_state = {"step": step, "data_batches": step * accum, "best": best}
+            trainer_state = {"step": step, "data_batches": step * accum, "best": best,
+                             "consecutive_skips": divergence.consecutive}
             if models.sampler is not None:
                 trainer_state["sampler"] = models.sampler.state_dict()
             checkpointer.save(engine, step, trainer_state, exclude_frozen=True)
@@ -206,6 +220,7 @@ def train_glue(cfg: FinetuneJobConfig | CompressJobConfig) -> dict[str, Any]:
     if env.is_main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     preemption.restore()
+    watchdog.close()
     return summary
 
 
