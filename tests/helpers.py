@@ -86,6 +86,14 @@ def read_jsonl(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
+def scalars(run_dir: str | Path) -> dict[int, dict]:
+    """A run's logged scalars by step (<run_dir>/tensorboard/scalars.jsonl, written next to the event files)."""
+    out: dict[int, dict] = {}
+    for row in read_jsonl(Path(run_dir) / "tensorboard" / "scalars.jsonl"):
+        out.setdefault(row["step"], {}).update(row)
+    return out
+
+
 def tiny_stage1(root: Path, steps: int) -> dict:
     """A tiny 4-layer teacher, a 4-shard corpus (2 ranks x 2 workers) and a stage-1 config dict for them."""
     from transformers import AutoTokenizer

@@ -171,11 +171,8 @@ def train(cfg: DistillJobConfig) -> dict[str, Any]:
         last_loss = loss
         stop = sums[4].item() > 0
         metrics.advance(loss=loss)
-        # DeepSpeed skips an update with non-finite gradients on every rank alike; N skips in a row end the run.
-        skipped = not student_engine.was_step_applied()
-        if divergence.record(step, not skipped, loss, student_engine.skipped_steps):
-            metrics.close()
-            raise divergence.error(step, checkpointer.newest())
+        # DeepSpeed skips an update with non-finite gradients on every rank alike; N skips in a row raise here.
+        skipped = divergence.check(student_engine, step, loss, checkpointer, metrics)
 
         if step % cfg.metrics.log_every == 0 or step == cfg.train.steps or skipped:
             tokens_per_sec, _ = throughput.rate()

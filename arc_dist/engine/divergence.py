@@ -41,6 +41,15 @@ class DivergenceGuard:
         self.consecutive = consecutive  # skipped steps in a row up to now (restored from the trainer state)
         self.first_step: int | None = None
 
+    def check(self, engine, step: int, loss: float, checkpointer, metrics) -> bool:
+        """After an optimizer step: True if DeepSpeed skipped it. The Nth skip in a row closes the metrics (so
+        TensorBoard keeps the last steps) and raises TrainingDiverged naming the newest complete checkpoint."""
+        skipped = not engine.was_step_applied()
+        if self.record(step, not skipped, loss, engine.skipped_steps):
+            metrics.close()
+            raise self.error(step, checkpointer.newest())
+        return skipped
+
     def record(self, step: int, applied: bool, loss: float, total_skipped: int) -> bool:
         """Record whether `step`'s update was applied; True when the run must stop (then raise `error()`)."""
         if applied:

@@ -75,6 +75,7 @@ class RankWatchdog:
         last_count = dict.fromkeys(peers, -1)
         last_change = dict.fromkeys(peers, now)
         store_ok = now
+        reported: set[int] = set()
         while not self._stop.wait(self.interval):
             now = time.monotonic()
             try:
@@ -85,7 +86,12 @@ class RankWatchdog:
                         peers.remove(r)
                         continue
                     if state is not None:
-                        self._abort(f"rank {r} ({self._describe(r)}) {state}")
+                        # Reported one heartbeat later: when every rank stops with the same error (a diverged
+                        # run), this rank is on its way out too and must not report the others for it.
+                        if r in reported:
+                            self._abort(f"rank {r} ({self._describe(r)}) {state}")
+                        reported.add(r)
+                        continue
                     count = self._store.add(self._key("beat", r), 0)
                     if count != last_count[r]:
                         last_count[r], last_change[r] = count, now

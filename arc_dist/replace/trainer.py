@@ -165,11 +165,8 @@ def train_glue(cfg: FinetuneJobConfig | CompressJobConfig) -> dict[str, Any]:
         loss_value = sums[0].item() / (accum * env.world_size)
         stop = sums[1].item() > 0 or step == cfg.train.stop_at_step
         metrics.advance(loss=loss_value)
-        # DeepSpeed skips an update with non-finite gradients on every rank alike; N skips in a row end the run.
-        skipped = not engine.was_step_applied()
-        if divergence.record(step, not skipped, loss_value, engine.skipped_steps):
-            metrics.close()
-            raise divergence.error(step, checkpointer.newest())
+        # DeepSpeed skips an update with non-finite gradients on every rank alike; N skips in a row raise here.
+        skipped = divergence.check(engine, step, loss_value, checkpointer, metrics)
 
         if step % cfg.metrics.log_every == 0 or step == cfg.train.steps or skipped:
             samples_per_sec, _ = throughput.rate()

@@ -309,3 +309,40 @@ def test_corrupt_shard_raises_data_error_naming_it_when_streamed(corpus_copy, co
     validate_corpus(corpus_copy)  # cheap checks pass: the damage is only visible when the shard is read
     with pytest.raises(DataError, match=rf"corpus shard {shard}.*{message}"):
         stream_one_epoch(corpus_copy)
+
+
+# Fuzzing: any damage to a shard's bytes either still reads as valid samples or raises DataError naming the shard,
+# never another exception from deep inside tarfile, numpy or webdataset.
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_damage = st.one_of(
+    st.tuples(st.just("truncate"), st.integers(0, 20_000), st.just(b"")),
+    st.tuples(st.just("overwrite"), st.integers(0, 20_000), st.binary(min_size=1, max_size=64)),
+    st.tuples(st.just("insert"), st.integers(0, 20_000), st.binary(min_size=1, max_size=64)),
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(damages=st.lists(_damage, min_size=1, max_size=3))
+def test_fuzzed_shard_reads_or_raises_data_error(tmp_path_factory, corpus, damages):
+    from arc_dist.data.corpus import read_shard
+
+    data = bytearray((corpus / "shard-00000.tar").read_bytes())
+    for kind, offset, payload in damages:
+        offset = min(offset, len(data))
+        if kind == "truncate":
+            del data[offset:]
+        elif kind == "overwrite":
+            data[offset:offset + len(payload)] = payload
+        else:
+            data[offset:offset] = payload
+    shard = tmp_path_factory.mktemp("fuzz") / "shard-00000.tar"
+    shard.write_bytes(bytes(data))
+    try:
+        samples = read_shard(shard, SEQ_LEN)
+    except DataError as e:
+        assert str(shard) in str(e)
+        return
+    for _, ids in samples:
+        assert ids.ndim == 1 and 0 < len(ids) <= SEQ_LEN and np.issubdtype(ids.dtype, np.integer)

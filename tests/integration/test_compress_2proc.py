@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-from helpers import launch, read_jsonl, tiny_stage2
+from helpers import launch, read_jsonl, scalars, tiny_stage2
 
 pytestmark = pytest.mark.slow
 
@@ -38,13 +38,6 @@ def compressed(setup, teacher):
     launch("launchers/compress.py", ["--config", str(setup / "compress.yaml"), f"run_dir={run_dir}",
                                      f"teacher={teacher / 'model'}"])
     return run_dir
-
-
-def scalars(run_dir) -> dict[int, dict]:
-    out: dict[int, dict] = {}
-    for row in read_jsonl(run_dir / "tensorboard" / "scalars.jsonl"):
-        out.setdefault(row["step"], {}).update(row)
-    return out
 
 
 def reevaluate(model_dir, glue_dir) -> float:

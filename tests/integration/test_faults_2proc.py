@@ -18,7 +18,7 @@ import torch
 import yaml
 
 from arc_dist.engine.watchdog import EXIT_RANK_LOST
-from helpers import PYTHON, REPO, VENV_BIN, child_env, free_port, launch, read_jsonl, tiny_stage1, tiny_stage2
+from helpers import PYTHON, REPO, VENV_BIN, child_env, free_port, launch, scalars, tiny_stage1, tiny_stage2
 
 pytestmark = pytest.mark.slow
 
@@ -38,13 +38,6 @@ def stage1(tmp_path_factory):
     config["checkpoint"] = {"every_steps": 5, "keep_last": 3}
     (root / "distill.yaml").write_text(yaml.safe_dump(config))
     return root
-
-
-def scalars(run_dir) -> dict[int, dict]:
-    out: dict[int, dict] = {}
-    for row in read_jsonl(run_dir / "tensorboard" / "scalars.jsonl"):
-        out.setdefault(row["step"], {}).update(row)
-    return out
 
 
 def module_state(run_dir, step: int) -> dict[str, torch.Tensor]:
