@@ -90,3 +90,5 @@ def test_glue_table_benchmark(tmp_path):
     assert report["config"]["steps"] > 0 and report["config"]["nprocs"] >= 1
     table = out.with_suffix(".md").read_text()
     assert "ARC" in table and "Theseus" in table and "| avg |" in table
+    chart = out.with_suffix(".png")  # matplotlib comes with the `bench` extra that `make venv` installs
+    assert report["chart"] == str(chart) and chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -35,6 +35,9 @@ EXIT_RANK_LOST = 3
 
 
 class RankWatchdog:
+    """Started by each trainer right after the process group forms; `close()` when the job is done. Off for one
+    rank or `timeout_s == 0` (train.rank_timeout_s)."""
+
     def __init__(self, rank: int, world_size: int, timeout_s: float):
         self.rank, self.world_size, self.timeout_s = rank, world_size, timeout_s
         self.enabled = world_size > 1 and timeout_s > 0
@@ -125,13 +128,14 @@ class RankWatchdog:
 
     def _excepthook(self, exc_type, exc, tb) -> None:
         self._previous_excepthook(exc_type, exc, tb)
-        message = str(exc).splitlines()[0] if str(exc) else ""
-        self._publish(f"failed with {exc_type.__name__}: {message}")
-        self._failed = True
-        if issubclass(exc_type, dist.DistError) or "gloo" in str(exc) or "NCCL" in str(exc):
-            # A transport error because a peer vanished ("Connection closed by peer"): give the thread the time it
-            # needs to name the peer (it exits the process when it does).
+        text = str(exc)
+        if issubclass(exc_type, dist.DistError) or "gloo" in text or "NCCL" in text:
+            # A transport error because a peer vanished ("Connection closed by peer"): this rank is a victim, not
+            # the cause, so it publishes nothing yet and gives the thread the time it needs to name the lost peer
+            # (the thread exits the process when it does).
             time.sleep(self.timeout_s + 3 * self.interval)
+        self._publish(f"failed with {exc_type.__name__}: {text.splitlines()[0] if text else ''}")
+        self._failed = True
         self._stop.set()
 
     def _atexit(self) -> None:
