@@ -31,6 +31,7 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_exten
 if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
+from arc_dist.engine.distributed import native_bf16  # noqa: E402
 from arc_dist.testing import WORDS, make_teacher_dir  # noqa: E402
 
 
@@ -74,6 +75,18 @@ def device_description(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"cpu ({cpu_name()}, {os.cpu_count()} cores)"
+
+
+def emulated_dtype(name: str, device: torch.device) -> bool:
+    """Whether `name` ('fp32'/'bf16') is emulated on `device`: bf16 on a CPU without AMX/AVX512-BF16 runs ~10-70x
+    slower than fp32 there, so timing it as often as fp32 would blow the `make bench` budget for a number that only
+    says "do not use bf16 on this CPU"."""
+    return name == "bf16" and device.type == "cpu" and not native_bf16()
+
+
+def repeats_for(name: str, device: torch.device, repeats: int, emulated_cap: int = 2) -> int:
+    """Timed repetitions for one dtype: `repeats`, capped at `emulated_cap` where the dtype is emulated."""
+    return min(repeats, emulated_cap) if emulated_dtype(name, device) else repeats
 
 
 def alternate_medians(steps: dict[str, Callable[[], None]], repeats: int, warmup: int, device: torch.device

@@ -24,7 +24,9 @@ from common import (
     RESULTS,
     device_description,
     device_for,
+    emulated_dtype,
     random_batch,
+    repeats_for,
     resolve_teacher,
     use_all_threads,
     write_report,
@@ -104,8 +106,10 @@ def main(argv: list[str] | None = None) -> None:
         models = {k: m.to(device).eval() for k, m in models.items()}
         for batch in args.batches:
             inputs = random_batch(tokenizer, vocab, batch, args.seq_len, args.seed, device)
-            repeats = args.repeats or (3 if args.quick else (40 if batch == 1 else 12))
-            med = compare_latency(models, inputs, repeats=repeats, warmup=args.warmup)
+            repeats = repeats_for(dname, device, args.repeats or (3 if args.quick else (40 if batch == 1 else 12)),
+                                  emulated_cap=3)
+            warmup = min(args.warmup, 1) if emulated_dtype(dname, device) else args.warmup
+            med = compare_latency(models, inputs, repeats=repeats, warmup=warmup)
             for k, v in med.items():
                 latency_ms[f"{k}_{dname}_b{batch}"] = v * 1e3
         del models
@@ -133,6 +137,9 @@ def main(argv: list[str] | None = None) -> None:
                   f"{throughput[s]:>14.1f} {latency_ms[t] / latency_ms[s]:>9.3f}")
 
     repeats = args.repeats or (3 if args.quick else "40 at batch 1, 12 at larger batches")
+    emulated = [d for d in args.dtypes if emulated_dtype(d, device)]
+    if emulated:
+        repeats = f"{repeats}; {', '.join(emulated)}: at most 3 after 1 warm-up (emulated on this device)"
     report = {
         "benchmark": "inference",
         **result,
@@ -145,7 +152,7 @@ def main(argv: list[str] | None = None) -> None:
                  "teacher/student latency at batch 1; bf16 = weights cast to bf16 (no autocast). "
                  + ("The student has random weights: weights do not change speed." if not args.student else ""),
         "config": {"teacher": teacher_desc, "student": student_desc, "seq_len": args.seq_len,
-                   "batches": args.batches, "dtypes": args.dtypes, "repeats": repeats,
+                   "batches": args.batches, "dtypes": args.dtypes, "emulated_dtypes": emulated, "repeats": repeats,
                    "warmup": args.warmup, "threads": threads, "device": str(device), "quick": args.quick,
                    "teacher_layers": teacher.config.num_hidden_layers,
                    "student_layers": student.config.num_hidden_layers,

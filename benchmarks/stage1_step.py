@@ -37,7 +37,9 @@ from common import (
     alternate_medians,
     device_description,
     device_for,
+    emulated_dtype,
     random_batch,
+    repeats_for,
     resolve_teacher,
     sync,
     use_all_threads,
@@ -229,12 +231,14 @@ def main(argv: list[str] | None = None) -> None:
     for name in args.dtypes:
         steps.autocast_dtype = None if name == "fp32" else DTYPES[name]
         med, _ = alternate_medians({"project": steps.project_step, "baseline": steps.baseline_step},
-                                   repeats=args.repeats, warmup=args.warmup, device=device)
+                                   repeats=repeats_for(name, device, args.repeats), warmup=args.warmup,
+                                   device=device)
         times[name] = med
     phases: dict[str, dict[str, float]] = {}
+    phase_repeats = max(2, args.repeats // 2)
     for name in args.dtypes:
         steps.autocast_dtype = None if name == "fp32" else DTYPES[name]
-        phases[name] = steps.project_phases(max(2, args.repeats // 2))
+        phases[name] = steps.project_phases(repeats_for(name, device, phase_repeats, emulated_cap=1))
     # The peak again after the timed work (best of both): a noisy neighbour during the first measurement would
     # otherwise understate the denominator and overstate MFU.
     peaks = {name: max(peaks[name], measure_matmul_tflops(device, DTYPES[name], n=peak_n)) for name in DTYPES}
@@ -250,7 +254,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"stage-1 step: device={device_description(device)} threads={threads} batch={args.batch}x{args.seq_len} "
           f"teacher={teacher_desc} layer {steps.layer}/{steps.tcfg.num_hidden_layers} -> student "
           f"{args.student_layers}x{args.student_hidden}, A_r={steps.heads}, chunk_size={args.chunk_size}, "
-          f"repeats={args.repeats} (median, alternating); single process, no DeepSpeed engine")
+          f"repeats={ {d: repeats_for(d, device, args.repeats) for d in args.dtypes} } (median, alternating; "
+          "fewer for a dtype this device only emulates); single process, no DeepSpeed engine")
     print(f"equivalence at init (eval mode): project loss {check['project']:.6f}, baseline loss "
           f"{check['baseline']:.6f} (rel diff {check['rel_diff']:.1e})")
     print(f"model FLOPs/token of the project step: {flops_per_token / 1e6:.2f} M; matmul peak: "
@@ -264,7 +269,8 @@ def main(argv: list[str] | None = None) -> None:
 
     for d in phases:
         total = sum(phases[d].values())
-        print(f"project step phases ({d}, median of {max(2, args.repeats // 2)}, separately timed): "
+        print(f"project step phases ({d}, median of {repeats_for(d, device, phase_repeats, emulated_cap=1)}, "
+              "separately timed): "
               + ", ".join(f"{k} {v * 1e3:.0f} ms ({100 * v / total:.0f}%)" for k, v in phases[d].items()))
 
     report = {
@@ -292,7 +298,8 @@ def main(argv: list[str] | None = None) -> None:
             "student_hidden": args.student_hidden, "student_heads": args.student_heads,
             "student_intermediate": 4 * args.student_hidden, "relation_heads": steps.heads,
             "chunk_size": args.chunk_size, "batch": args.batch, "seq_len": args.seq_len, "tokens_per_step": tokens,
-            "repeats": args.repeats, "warmup": args.warmup, "threads": threads, "device": str(device),
+            "repeats": {d: repeats_for(d, device, args.repeats) for d in args.dtypes}, "warmup": args.warmup,
+            "emulated_dtypes": [d for d in args.dtypes if emulated_dtype(d, device)], "threads": threads, "device": str(device),
             "dtypes": args.dtypes, "quick": args.quick, "frozen_student_tensors": len(steps.frozen),
             "peak_matmul_n": peak_n,
         },
