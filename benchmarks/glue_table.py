@@ -28,6 +28,10 @@ examples padded to max_seq_len.
 
 Outputs: a Markdown table (printed, and written next to --out as .md), a bar chart (.png, when matplotlib is
 importable), and the JSON report (--out, and the last stdout line). Metric values are in points (metric x 100).
+
+Seeds can run apart (--first-seed 43 in another session or on another machine, into its own --out) and be joined
+afterwards with --merge A.json B.json --out glue_table.json, which checks that the settings and the stage-1 run
+agree and recomputes the means.
 """
 
 from __future__ import annotations
