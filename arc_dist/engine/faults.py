@@ -55,6 +55,9 @@ def poison_loss(loss: torch.Tensor, step: int, rank: int) -> torch.Tensor:
 def stall_if_requested(kind: str, step: int, rank: int) -> None:
     """Block forever (until killed) when ARC_FAULTS asks for a stall here; prints a line a test can wait for."""
     if active(kind, step, rank):
-        print(f"{ENV}: rank {rank} stalled in {kind} at step {step}", file=sys.stderr, flush=True)
+        # One write() of the whole line: ranks share the launcher's pipe, and print() writes the text and the
+        # newline separately, so two ranks' lines could interleave into one.
+        sys.stderr.write(f"{ENV}: rank {rank} stalled in {kind} at step {step}\n")
+        sys.stderr.flush()
         while True:
             time.sleep(3600)

@@ -11,6 +11,7 @@ import math
 import os
 import signal
 import subprocess
+import threading
 import time
 
 import pytest
@@ -105,12 +106,18 @@ def test_sigkill_while_writing_a_checkpoint_resumes_from_the_previous_one(stage1
            "launchers/distill.py", "--config", str(config), f"run_dir={run_dir}"]
     proc = subprocess.Popen(cmd, cwd=REPO, env=child_env(ARC_FAULTS="stall_save@10"), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    stalled = 0
-    deadline = time.time() + 300
-    while stalled < 2 and time.time() < deadline:  # both ranks are inside the save
-        line = proc.stdout.readline()
-        assert line or proc.poll() is None, "the job ended before the fault"
-        stalled += "stalled in stall_save at step 10" in line
+    # readline() blocks, so a deadline checked between lines cannot bound the wait: a timer kills the job
+    # instead, which ends the output and fails the assert below.
+    timer = threading.Timer(300, os.killpg, (proc.pid, signal.SIGKILL))
+    timer.start()
+    try:
+        stalled = 0
+        while stalled < 2:  # both ranks are inside the save
+            line = proc.stdout.readline()
+            assert line, "the job ended (or timed out after 300 s) before both ranks reached the fault"
+            stalled += line.count("stalled in stall_save at step 10")
+    finally:
+        timer.cancel()
     os.killpg(proc.pid, signal.SIGKILL)
     proc.communicate(timeout=60)
     ckpt = run_dir / "checkpoints"
