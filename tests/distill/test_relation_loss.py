@@ -68,10 +68,13 @@ def test_matches_reference_in_value_and_gradient(dtype, padded, num_heads, chunk
     mask = ragged_mask([SEQ, 20, 3], SEQ) if padded else None
     ref, ref_grads = run(reference(num_heads), teacher, student, mask)
     out, out_grads = run(RelationLoss(num_heads, chunk_size=chunk_size), teacher, student, mask)
-    torch.testing.assert_close(out.total, ref.total, rtol=1e-5, atol=0)
+    # fp32: the chunked and the full-matrix sums add S*S terms in different orders (1.2e-5 relative was seen on
+    # one relation on a Xeon); fp64 shows that the two compute the same thing.
+    rtol = 5e-5 if dtype == torch.float32 else 1e-9
+    torch.testing.assert_close(out.total, ref.total, rtol=rtol, atol=0)
     for name in RELATIONS:
-        torch.testing.assert_close(out.per_relation[name], ref.per_relation[name], rtol=1e-5, atol=0)
-    assert_grads_close(out_grads, ref_grads, rtol=1e-5)
+        torch.testing.assert_close(out.per_relation[name], ref.per_relation[name], rtol=rtol, atol=0)
+    assert_grads_close(out_grads, ref_grads, rtol=max(rtol, 1e-5))
 
 
 def test_mask_of_ones_equals_no_mask():
