@@ -9,20 +9,23 @@ the relation matrices are [B, A_r, S, S] per relation. Plain autograd (``referen
 probabilities, the student log-probabilities and several other S x S intermediates alive until backward, so peak
 memory is quadratic in S and dominates a stage-1 step at long sequence lengths. The loss is a scalar and the
 gradient of a row's KL with respect to the student scores is simply ``softmax(student) - rel_T`` (per valid row,
-divided by the normaliser), so ``_FusedRelationKL`` computes the value and the gradient in one pass over chunks of
-query rows: per chunk it builds the teacher and student scores for ``chunk_size`` rows against all S keys, adds the
-chunk's KL to the sum and immediately turns the score gradient into the gradient of the student projection (X_S is
-on both sides of the score matmul, so it gets a row term and a column term). Nothing is recomputed in backward,
-which only rescales the saved gradient by ``grad_output``. Memory: four reused [B * A_r, chunk_size, S] work buffers
-(O(B * A_r * chunk_size * S) transient) plus O(B * S * d_s) saved for backward -- linear in S for a fixed chunk size.
-The work buffers are reused across chunks rather than freshly allocated because on CPU every fresh allocation of
-that size costs page faults. The automatic chunk size (`auto_chunk_size`) keeps each buffer near 4M elements.
+divided by the normaliser), so ``_FusedRelationKL`` computes the value and the gradient in one pass over blocks of
+the relation matrices: per block (``chunk_heads`` (batch, head) pairs x ``chunk_size`` query rows, against all S
+keys) it builds the teacher and student scores, adds the block's KL to the sum and immediately turns the score
+gradient into the gradient of the student projection (X_S is on both sides of the score matmul, so it gets a row
+term and a column term). Nothing is recomputed in backward, which only rescales the saved gradient by
+``grad_output``. Memory: four reused [chunk_heads, chunk_size, S] work buffers plus O(B * S * d_s) saved for
+backward -- linear in S for a fixed chunk size. The work buffers are reused across blocks rather than freshly
+allocated because on CPU every fresh allocation of that size costs page faults, and kept small (``auto_chunk``:
+about 1M elements each) because each block makes some ten passes over them: at cache size those passes do not go to
+main memory, which is what bounds this loss (with d_r = 8-wide relation heads its matmuls are memory-bound too).
 
 Numerics: everything is computed in float32 (float64 stays float64) even for bf16/fp16 inputs; the gradient is
-returned in the student input's dtype. Padded key columns get -inf before both softmaxes and padded query rows are
-excluded from the sum and the normaliser; padded positions are zeroed first, so garbage (even inf/NaN) in padded
-rows cannot leak into the loss or create NaN, and padded rows get a zero gradient. A sequence without any real token
-is left unmasked (all -inf rows would give NaN); it has no valid query row, so it never reaches the loss.
+returned in the student input's dtype. Padded key columns get probability exactly 0 (-inf in the reference, half
+the dtype's lowest finite value in the fused loss) and padded query rows add exactly 0 to the sum and are left out
+of the normaliser; padded positions are zeroed first, so garbage (even inf/NaN) in padded rows cannot leak into the
+loss or create NaN, and padded rows get a zero gradient. A sequence without any real token is left unmasked (all
+-inf rows would give NaN); it has no valid query row, so it never reaches the loss.
 """
 
 from __future__ import annotations
@@ -130,11 +133,16 @@ def _valid_mask(attention_mask: Tensor | None, x: Tensor) -> Tensor:
     return attention_mask != 0
 
 
-def _split_heads(x: Tensor, valid: Tensor, num_heads: int, dtype: torch.dtype) -> Tensor:
-    """[B, S, d] -> contiguous [B, A_r, S, d_r] in `dtype`, padded positions zeroed (so garbage cannot leak)."""
+def _split_heads(x: Tensor, valid: Tensor, num_heads: int, dtype: torch.dtype, scale: float) -> Tensor:
+    """[B, S, d] -> a fresh contiguous [B, A_r, S, d_r] in `dtype`, times `scale`, padded positions zeroed (so
+    garbage cannot leak). One pass for a `dtype` input: the head transpose and the scaling share it."""
     b, s, d = x.shape
-    x = torch.where(valid.unsqueeze(-1), x.to(dtype), 0.0)
-    return x.view(b, s, num_heads, d // num_heads).transpose(1, 2).contiguous()
+    heads = x.view(b, s, num_heads, d // num_heads).transpose(1, 2)
+    out = torch.empty(heads.shape, dtype=dtype, device=x.device)
+    torch.mul(heads.to(dtype), scale, out=out)
+    if not bool(valid.all()):
+        out.masked_fill_(~valid[:, None, :, None], 0.0)
+    return out
 
 
 def _key_fill_mask(valid: Tensor) -> Tensor:
@@ -157,105 +165,127 @@ class _FusedRelationKL(torch.autograd.Function):
         x_teacher: Tensor,
         valid: Tensor,
         num_heads: int,
-        chunk_size: int,
+        chunk_rows: int,
+        chunk_heads: int,
         need_grad: bool,
     ) -> Tensor:
         dtype = _compute_dtype(x_student, x_teacher)
         b, s, d_s = x_student.shape
         bh = b * num_heads
-        # Heads flattened into the batch dimension: [B * A_r, S, d_r], so that every matmul is one bmm.
-        y_s = _split_heads(x_student.detach(), valid, num_heads, dtype).view(bh, s, -1)
-        y_t = _split_heads(x_teacher.detach(), valid, num_heads, dtype).view(bh, s, -1)
-        scale_s = 1.0 / math.sqrt(y_s.shape[-1])
-        scale_t = 1.0 / math.sqrt(y_t.shape[-1])
-        key_fill = _key_fill_mask(valid)  # [B, 1, 1, S], broadcasts over the [B, A_r, rows, S] view of a chunk
-        row_pad = ~valid[:, None, :, None]  # [B, 1, S, 1]
+        # Heads flattened into the batch dimension: [B * A_r, S, d_r], so that every matmul is one bmm. Each side is
+        # pre-multiplied by scale**0.5, so a score block is a single bmm of Y against Y^T.
+        root_scale_s = (d_s // num_heads) ** -0.25
+        y_s = _split_heads(x_student.detach(), valid, num_heads, dtype, root_scale_s).view(bh, s, -1)
+        root_scale_t = (x_teacher.shape[-1] // num_heads) ** -0.25
+        y_t = _split_heads(x_teacher.detach(), valid, num_heads, dtype, root_scale_t).view(bh, s, -1)
+        # Padded key columns get a huge negative score rather than -inf: their probabilities are still exactly 0, but
+        # log-probabilities stay finite, so p * (log p - log q) is 0 there instead of NaN and needs no mask. Padded
+        # query rows need none either: their Y rows are zero on both sides, so teacher and student rows are
+        # identical and their KL is exactly 0. (Only the normaliser has to leave them out.)
+        key_fill = _key_fill_mask(valid).expand(b, num_heads, 1, s).reshape(bh, 1, s)
+        fill_value = torch.finfo(dtype).min / 2
         has_padding = not bool(valid.all())
         normaliser = float(num_heads * max(int(valid.sum()), 1))
-        y_s_t = y_s.transpose(1, 2)
-        y_t_t = y_t.transpose(1, 2)
         grad_y = torch.zeros_like(y_s) if need_grad else None
         kl_sum = torch.zeros((), dtype=dtype, device=x_student.device)
-        # Four [B * A_r, chunk, S] work buffers reused by every chunk: fresh allocations of this size cost page
-        # faults on every chunk. The last, shorter chunk uses a contiguous prefix of each buffer.
-        chunk = min(chunk_size, s)
-        buffers = torch.empty(4, bh * chunk * s, dtype=dtype, device=x_student.device)
+        # Four work buffers of [chunk_heads, chunk_rows, S] reused by every block: sized to stay cache-resident
+        # across the block's passes, and fresh allocations of this size would cost page faults on every block.
+        # The last, smaller blocks use a contiguous prefix of each buffer.
+        rows_per, heads_per = min(chunk_rows, s), min(chunk_heads, bh)
+        buffers = torch.empty(4, heads_per * rows_per * s, dtype=dtype, device=x_student.device)
 
-        for start in range(0, s, chunk):
-            rows = slice(start, min(start + chunk, s))
-            n = rows.stop - start
-            buf_p, buf_log_p, buf_scores, buf_log_q = (buf[: bh * n * s].view(bh, n, s) for buf in buffers)
-            scores_t = torch.bmm(y_t[:, rows] * scale_t, y_t_t, out=buf_scores)
-            if has_padding:
-                scores_t.view(b, num_heads, n, s).masked_fill_(key_fill, float("-inf"))
-            log_p = torch.log_softmax(scores_t, dim=-1, out=buf_log_p)
-            p = torch.softmax(scores_t, dim=-1, out=buf_p)
-            scores_s = torch.bmm(y_s[:, rows] * scale_s, y_s_t, out=buf_scores)
-            if has_padding:
-                scores_s.view(b, num_heads, n, s).masked_fill_(key_fill, float("-inf"))
-            log_q = torch.log_softmax(scores_s, dim=-1, out=buf_log_q)
-            diff = log_p.sub_(log_q)
-            if has_padding:
-                # Padded keys hold -inf - -inf = NaN (where p is 0); padded query rows are excluded from the sum.
-                diff.view(b, num_heads, n, s).masked_fill_(key_fill | row_pad[:, :, rows], 0.0)
-            kl_sum += torch.dot(p.view(-1), diff.view(-1))
-            if grad_y is not None:
-                # d loss / d scores = (softmax_S - p_T) / normaliser; scores = scale * Y Y^T, so Y gets a row term
-                # (chunk rows, against all keys) and a column term (all rows, against the chunk's rows). The
-                # constant scale / normaliser is applied once after the loop. Padded query rows need no mask here:
-                # their Y rows are zero, so the column term gets nothing from them and the row term only reaches
-                # padded rows, which are zeroed below.
-                grad_scores = torch.softmax(scores_s, dim=-1, out=buf_log_q).sub_(p)
-                grad_y[:, rows] += torch.bmm(grad_scores, y_s)
-                grad_y.baddbmm_(grad_scores.transpose(1, 2), y_s[:, rows])
+        for h0 in range(0, bh, heads_per):
+            heads = slice(h0, min(h0 + heads_per, bh))
+            ys, yt = y_s[heads], y_t[heads]
+            ys_keys, yt_keys = ys.transpose(1, 2), yt.transpose(1, 2)
+            for r0 in range(0, s, rows_per):
+                rows = slice(r0, min(r0 + rows_per, s))
+                shape = (heads.stop - h0, rows.stop - r0, s)
+                n = shape[0] * shape[1] * s
+                buf_p, buf_log_p, buf_scores, buf_log_q = (buf[:n].view(shape) for buf in buffers)
+                scores_t = torch.bmm(yt[:, rows], yt_keys, out=buf_scores)
+                if has_padding:
+                    scores_t.masked_fill_(key_fill[heads], fill_value)
+                # Probabilities as exp(log-probabilities): one elementwise pass over the cache-resident block is
+                # cheaper than a second softmax (5-9% of the loss's time, measured side by side).
+                log_p = torch.log_softmax(scores_t, dim=-1, out=buf_log_p)
+                p = torch.exp(log_p, out=buf_p)
+                scores_s = torch.bmm(ys[:, rows], ys_keys, out=buf_scores)
+                if has_padding:
+                    scores_s.masked_fill_(key_fill[heads], fill_value)
+                log_q = torch.log_softmax(scores_s, dim=-1, out=buf_log_q)
+                diff = torch.sub(log_p, log_q, out=buf_scores)
+                kl_sum += torch.dot(p.view(-1), diff.view(-1))
+                if grad_y is not None:
+                    # d loss / d scores = (softmax_S - p_T) / normaliser, softmax_S = exp(log_q); scores = Y Y^T, so Y gets a row term (the
+                    # block's rows, against all keys) and a column term (all rows, against the block's rows). The
+                    # constant factor is applied once after the loop. Padded query rows need no mask here: their Y
+                    # rows are zero, so the column term gets nothing from them and the row term only reaches padded
+                    # rows, which are zeroed below.
+                    grad_scores = log_q.exp_().sub_(p)
+                    grad_y[heads, rows].baddbmm_(grad_scores, ys)
+                    grad_y[heads].baddbmm_(grad_scores.transpose(1, 2), ys[:, rows])
 
         if grad_y is not None:
-            grad_x = grad_y.view(b, num_heads, s, -1).transpose(1, 2).reshape(b, s, d_s)
-            ctx.save_for_backward(torch.where(valid.unsqueeze(-1), grad_x * (scale_s / normaliser), 0.0))
+            grad_y = grad_y.view(b, num_heads, s, -1)
+            if has_padding:
+                grad_y.masked_fill_(~valid[:, None, :, None], 0.0)
+            grad_x = torch.empty((b, s, num_heads, grad_y.shape[-1]), dtype=dtype, device=x_student.device)
+            torch.mul(grad_y.transpose(1, 2), root_scale_s / normaliser, out=grad_x)
+            ctx.save_for_backward(grad_x.view(b, s, d_s))
         ctx.student_dtype = x_student.dtype
         return kl_sum / normaliser
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):  # type: ignore[override]
         if not ctx.saved_tensors:
-            return None, None, None, None, None, None
+            return None, None, None, None, None, None, None
         (grad_x,) = ctx.saved_tensors
-        return (grad_x * grad_output).to(ctx.student_dtype), None, None, None, None, None
+        return (grad_x * grad_output).to(ctx.student_dtype), None, None, None, None, None, None
 
 
-# Automatic chunking targets this many elements per work buffer (16 MiB in fp32): large enough for efficient
-# matmuls, small enough to stay cache- and allocator-friendly. It picks 64 rows at B=8, A_r=12, S=512 and 16 rows
-# at B=32, A_r=48, S=128, the fastest measured for each on CPU (benchmarks/relation_loss.py, stage1_step.py).
-AUTO_CHUNK_ELEMENTS = 1 << 22
+# Automatic chunking: whole rows up to this many keys (a block then covers complete relation matrices of a few
+# heads, and the gradient's row and column terms come from the same block), and as many (batch, head) pairs as keep
+# a work buffer near AUTO_CHUNK_ELEMENTS (4 MiB in fp32: the block's passes stay in cache). Measured on CPU
+# (benchmarks/relation_loss.py, stage1_step.py) against 1/4x-4x the block size and against the earlier row-only
+# chunks of 4M elements: 1.6x faster at B=8, A_r=12, S=512 and 2x at B=32, A_r=48, S=128.
+AUTO_CHUNK_ROWS = 512
+AUTO_CHUNK_ELEMENTS = 1 << 20
 
 
-def auto_chunk_size(batch: int, num_relation_heads: int, seq_len: int) -> int:
-    rows = max(1, AUTO_CHUNK_ELEMENTS // max(1, batch * num_relation_heads * seq_len))
-    return min(seq_len, 1 << (rows.bit_length() - 1))
+def auto_chunk(batch: int, num_relation_heads: int, seq_len: int, rows: int | None = None) -> tuple[int, int]:
+    """(query rows, (batch, head) pairs) per block of the fused loss; `rows` fixed by the caller if given."""
+    rows = min(seq_len, rows or AUTO_CHUNK_ROWS)
+    heads = max(1, AUTO_CHUNK_ELEMENTS // (rows * seq_len))
+    return rows, min(heads, batch * num_relation_heads)
 
 
 class RelationLoss(nn.Module):
-    """MiniLMv2 QQ/KK/VV self-attention relation loss with a row-chunked, fused forward/backward.
+    """MiniLMv2 QQ/KK/VV self-attention relation loss with a block-wise, fused forward/backward.
 
     ``num_relation_heads`` (A_r) must divide both model widths; ``weights`` maps "qq"/"kk"/"vv" to non-negative
-    factors (default 1 each); ``chunk_size`` is the number of query rows processed at once (memory/speed trade-off:
-    transient memory is B * A_r * chunk_size * S floats per live intermediate); None sizes it automatically.
+    factors (default 1 each). The relation matrices are processed in blocks of ``chunk_size`` query rows (against
+    all S keys) of ``chunk_heads`` (batch, relation head) pairs: a memory/speed trade-off, transient memory is
+    4 x chunk_heads x chunk_size x S floats. None sizes either automatically (``auto_chunk``).
     """
 
     def __init__(self, num_relation_heads: int, weights: dict[str, float] | None = None,
-                 chunk_size: int | None = None):
+                 chunk_size: int | None = None, chunk_heads: int | None = None):
         super().__init__()
         _check_num_heads(num_relation_heads)
-        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-            raise ConfigError(f"chunk_size must be an integer >= 1 (or None for automatic), got {chunk_size!r}")
+        for name, value in (("chunk_size", chunk_size), ("chunk_heads", chunk_heads)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ConfigError(f"{name} must be an integer >= 1 (or None for automatic), got {value!r}")
         self.num_relation_heads = num_relation_heads
         self.weights = _check_weights(weights)
         if not any(self.weights.values()):
             raise ConfigError(f"all relation weights are 0 ({self.weights}); at least one must be > 0")
         self.chunk_size = chunk_size
+        self.chunk_heads = chunk_heads
 
     def extra_repr(self) -> str:
-        return f"num_relation_heads={self.num_relation_heads}, weights={self.weights}, chunk_size={self.chunk_size}"
+        return (f"num_relation_heads={self.num_relation_heads}, weights={self.weights}, chunk_size={self.chunk_size}, "
+                f"chunk_heads={self.chunk_heads}")
 
     def forward(self, teacher: QKV, student: QKV, attention_mask: Tensor | None) -> RelationLossOutput:
         _check_inputs(teacher, student, attention_mask, self.num_relation_heads)
@@ -271,8 +301,9 @@ class RelationLoss(nn.Module):
                     # Still reported for logging, but kept out of the graph so it costs no gradient work.
                     x_s = x_s.detach()
                 need_grad = grad_enabled and x_s.requires_grad
-                chunk = self.chunk_size or auto_chunk_size(x_s.shape[0], self.num_relation_heads, x_s.shape[1])
-                loss = _FusedRelationKL.apply(x_s, x_t, valid, self.num_relation_heads, chunk, need_grad)
+                rows, heads = auto_chunk(x_s.shape[0], self.num_relation_heads, x_s.shape[1], self.chunk_size)
+                loss = _FusedRelationKL.apply(x_s, x_t, valid, self.num_relation_heads, rows,
+                                              self.chunk_heads or heads, need_grad)
                 per_relation[name] = loss.detach()
                 if weight != 0.0:
                     losses.append(loss * weight)
@@ -299,7 +330,8 @@ def reference_relation_loss(
     normaliser = num_relation_heads * max(int(valid.sum()), 1)
 
     def log_relation(x: Tensor) -> Tensor:
-        y = _split_heads(x, valid, num_relation_heads, dtype)
+        b, s, d = x.shape
+        y = torch.where(valid.unsqueeze(-1), x.to(dtype), 0.0).view(b, s, num_relation_heads, -1).transpose(1, 2)
         scores = torch.matmul(y, y.transpose(-1, -2)) / math.sqrt(y.shape[-1])
         return torch.log_softmax(scores.masked_fill(key_fill, float("-inf")), dim=-1)
 

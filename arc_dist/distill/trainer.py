@@ -246,12 +246,18 @@ def total_parameter_count(module: torch.nn.Module) -> int:
     return sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in module.parameters())
 
 
-def stage1_flops_per_token(cfg: DistillJobConfig, plan: Stage1Plan) -> float:
-    """Model FLOPs per token of one stage-1 micro-step: teacher forward + student forward/backward + loss."""
+def stage1_flops_per_token_parts(cfg: DistillJobConfig, plan: Stage1Plan) -> dict[str, float]:
+    """Model FLOPs per token of one stage-1 micro-step, by part: teacher forward, student forward, relation loss
+    (value and gradient, both computed in its forward) and the student's backward."""
     s, d_s, d_t = cfg.data.seq_len, cfg.student.hidden, plan.teacher_width
     teacher = encoder_flops_per_token(plan.teacher_layer - 1, d_t, plan.teacher_intermediate, s) + 2 * 3 * d_t * d_t
     student_fwd = (encoder_flops_per_token(cfg.student.layers - 1, d_s, cfg.student.intermediate or 4 * d_s, s)
                    + 2 * 3 * d_s * d_s)
     # Per relation: teacher scores (2*S*d_t), student scores (2*S*d_s), and the two gradient matmuls (4*S*d_s).
     loss = 3 * (2 * s * d_t + 6 * s * d_s)
-    return teacher + 3 * student_fwd + loss
+    return {"teacher_fwd": teacher, "student_fwd": student_fwd, "loss": loss, "backward": 2 * student_fwd}
+
+
+def stage1_flops_per_token(cfg: DistillJobConfig, plan: Stage1Plan) -> float:
+    """Model FLOPs per token of one stage-1 micro-step: teacher forward + student forward/backward + loss."""
+    return sum(stage1_flops_per_token_parts(cfg, plan).values())

@@ -62,12 +62,14 @@ def test_identical_student_gives_zero_loss_and_gradient():
 @pytest.mark.parametrize("padded", [False, True])
 @pytest.mark.parametrize("num_heads", [4, 6])
 @pytest.mark.parametrize("chunk_size", [1, 5, 16, SEQ, 100])
-def test_matches_reference_in_value_and_gradient(dtype, padded, num_heads, chunk_size):
+@pytest.mark.parametrize("chunk_heads", [1, 5, None])
+def test_matches_reference_in_value_and_gradient(dtype, padded, num_heads, chunk_size, chunk_heads):
     teacher = make_qkv(3, SEQ, TEACHER_WIDTH, requires_grad=False, dtype=dtype, seed=1)
     student = make_qkv(3, SEQ, STUDENT_WIDTH, requires_grad=True, dtype=dtype, seed=2)
     mask = ragged_mask([SEQ, 20, 3], SEQ) if padded else None
     ref, ref_grads = run(reference(num_heads), teacher, student, mask)
-    out, out_grads = run(RelationLoss(num_heads, chunk_size=chunk_size), teacher, student, mask)
+    out, out_grads = run(RelationLoss(num_heads, chunk_size=chunk_size, chunk_heads=chunk_heads), teacher, student,
+                         mask)
     # fp32: the chunked and the full-matrix sums add S*S terms in different orders (1.2e-5 relative was seen on
     # one relation on a Xeon); fp64 shows that the two compute the same thing.
     rtol = 5e-5 if dtype == torch.float32 else 1e-9
@@ -228,6 +230,7 @@ def test_shape_mismatches_raise_config_error(teacher_shapes, student_shapes, mas
         ({"num_relation_heads": 4, "weights": {"qk": 1.0}}, r"unknown relation weight key\(s\) \['qk'\]"),
         ({"num_relation_heads": 4, "weights": {"vv": -1.0}}, "vv=-1.0 must be a finite number >= 0"),
         ({"num_relation_heads": 4, "chunk_size": 0}, "chunk_size must be an integer >= 1"),
+        ({"num_relation_heads": 4, "chunk_heads": 2.5}, "chunk_heads must be an integer >= 1"),
         ({"num_relation_heads": 4, "weights": dict.fromkeys(RELATIONS, 0.0)}, "at least one must be > 0"),
     ],
 )
@@ -262,10 +265,13 @@ def test_gradcheck_float64():
 
 
 def test_automatic_chunk_size_matches_reference():
-    from arc_dist.distill.relation_loss import auto_chunk_size
+    from arc_dist.distill.relation_loss import auto_chunk
 
-    assert auto_chunk_size(8, 12, 512) == 64 and auto_chunk_size(32, 48, 128) == 16
-    assert auto_chunk_size(2, 2, 7) == 7  # never more rows than the sequence has
+    # (rows, heads): whole rows of 64 heads at the stage-1 shape, 4 at S=512, half rows of 2 heads at S=1024.
+    assert auto_chunk(32, 48, 128) == (128, 64) and auto_chunk(8, 12, 512) == (512, 4)
+    assert auto_chunk(8, 12, 1024) == (512, 2) and auto_chunk(8, 12, 4096) == (512, 1)
+    assert auto_chunk(2, 2, 7) == (7, 4)  # never more rows than the sequence has, nor more heads than it has
+    assert auto_chunk(32, 48, 128, rows=16) == (16, 512)  # a fixed chunk_size gets as many heads as fit
     g = torch.Generator().manual_seed(11)
     teacher = tuple(torch.randn(2, 9, 12, generator=g) for _ in range(3))
     student = tuple(torch.randn(2, 9, 6, generator=g, requires_grad=True) for _ in range(3))
