@@ -71,8 +71,8 @@ class RelationLossConfig:
     weight_kk: float = option(1.0, "Weight of the key-key relation loss.")
     weight_vv: float = option(1.0, "Weight of the value-value relation loss.")
     chunk_size: int | None = option(
-        None, "Query rows per chunk in the fused relation loss (memory is linear in it); null = automatic "
-        "(about 4M elements per work buffer)."
+        None, "Query rows per block in the fused relation loss (memory is linear in it); null = automatic "
+        "(whole rows up to 512 keys, as many heads as keep a work buffer near 1M elements on CPU, 32M on GPU)."
     )
 
 

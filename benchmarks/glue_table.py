@@ -478,13 +478,19 @@ def merge_reports(paths: list[Path], out: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.merge:
-        try:
+    try:
+        if args.merge:
             merge_reports(args.merge, args.out)
-        except ArcError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        return 0
+        else:
+            run_table(args)
+    except ArcError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def run_table(args: argparse.Namespace) -> None:
+    """Every job of the table (skipping complete ones), then the report; a bad input raises ArcError."""
     t_start = time.perf_counter()
     threads = use_all_threads(args.threads)
     # Each launched rank gets its share of the cores (run_stage passes OMP_NUM_THREADS on, default 1).
@@ -525,9 +531,6 @@ def main(argv: list[str] | None = None) -> int:
         max_len = 32 if args.quick else 128
         speed = measure_speed(all_dirs[(args.tasks[0], seeds[0])], args.tasks[0], glue_dir, max_len,
                               args.latency_repeats)
-    except ArcError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     finally:
         if tmp is not None and args.runs_dir is None:
             tmp.cleanup()
@@ -547,7 +550,6 @@ def main(argv: list[str] | None = None) -> int:
         "device": device_description(torch.device("cpu")),
     }  # fmt: skip
     render(scores, speed, stage1, config, args.out, elapsed_s=time.perf_counter() - t_start)
-    return 0
 
 
 if __name__ == "__main__":

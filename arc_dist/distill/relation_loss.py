@@ -17,7 +17,7 @@ term and a column term). Nothing is recomputed in backward, which only rescales 
 ``grad_output``. Memory: four reused [chunk_heads, chunk_size, S] work buffers plus O(B * S * d_s) saved for
 backward -- linear in S for a fixed chunk size. The work buffers are reused across blocks rather than freshly
 allocated because on CPU every fresh allocation of that size costs page faults, and kept small (``auto_chunk``:
-about 1M elements each) because each block makes some ten passes over them: at cache size those passes do not go to
+about 1M elements each on CPU) because each block makes some ten passes over them: at cache size those passes do not go to
 main memory, which is what bounds this loss (with d_r = 8-wide relation heads its matmuls are memory-bound too).
 
 Numerics: everything is computed in float32 (float64 stays float64) even for bf16/fp16 inputs; the gradient is
@@ -246,17 +246,24 @@ class _FusedRelationKL(torch.autograd.Function):
 
 # Automatic chunking: whole rows up to this many keys (a block then covers complete relation matrices of a few
 # heads, and the gradient's row and column terms come from the same block), and as many (batch, head) pairs as keep
-# a work buffer near AUTO_CHUNK_ELEMENTS (4 MiB in fp32: the block's passes stay in cache). Measured on CPU
-# (benchmarks/relation_loss.py, stage1_step.py) against 1/4x-4x the block size and against the earlier row-only
-# chunks of 4M elements: 1.6x faster at B=8, A_r=12, S=512 and 2x at B=32, A_r=48, S=128.
+# a work buffer near the device's element budget.
+# - CPU: 1M elements (4 MiB in fp32), so the block's passes stay in cache: the fastest of the block shapes tried at
+#   S = 128, 512 and 1024 (1/16x-2x this size). Together with the other changes made with it, forward+backward
+#   became 1.36x faster than the earlier row-only chunks of 4M elements at B=8, A_r=12, S=512 and 1.47x at B=32,
+#   A_r=48, S=128 (the two alternating in one process).
+# - GPU: 32M elements (128 MiB per buffer, 512 MiB in all): each block costs about a dozen kernel launches, and at a
+#   BERT-large stage-1 shape (B=64, A_r=64, S=512) the CPU budget would mean some 37k launches per step. Not measured
+#   (no GPU has been lent to this project); chosen to keep launches near a thousand at such shapes.
 AUTO_CHUNK_ROWS = 512
-AUTO_CHUNK_ELEMENTS = 1 << 20
+AUTO_CHUNK_ELEMENTS = {"cpu": 1 << 20, "other": 1 << 25}
 
 
-def auto_chunk(batch: int, num_relation_heads: int, seq_len: int, rows: int | None = None) -> tuple[int, int]:
+def auto_chunk(batch: int, num_relation_heads: int, seq_len: int, rows: int | None = None,
+               device_type: str = "cpu") -> tuple[int, int]:
     """(query rows, (batch, head) pairs) per block of the fused loss; `rows` fixed by the caller if given."""
     rows = min(seq_len, rows or AUTO_CHUNK_ROWS)
-    heads = max(1, AUTO_CHUNK_ELEMENTS // (rows * seq_len))
+    budget = AUTO_CHUNK_ELEMENTS["cpu" if device_type == "cpu" else "other"]
+    heads = max(1, budget // (rows * seq_len))
     return rows, min(heads, batch * num_relation_heads)
 
 
@@ -301,7 +308,8 @@ class RelationLoss(nn.Module):
                     # Still reported for logging, but kept out of the graph so it costs no gradient work.
                     x_s = x_s.detach()
                 need_grad = grad_enabled and x_s.requires_grad
-                rows, heads = auto_chunk(x_s.shape[0], self.num_relation_heads, x_s.shape[1], self.chunk_size)
+                rows, heads = auto_chunk(x_s.shape[0], self.num_relation_heads, x_s.shape[1], self.chunk_size,
+                                         x_s.device.type)
                 loss = _FusedRelationKL.apply(x_s, x_t, valid, self.num_relation_heads, rows,
                                               self.chunk_heads or heads, need_grad)
                 per_relation[name] = loss.detach()

@@ -272,6 +272,9 @@ def test_automatic_chunk_size_matches_reference():
     assert auto_chunk(8, 12, 1024) == (512, 2) and auto_chunk(8, 12, 4096) == (512, 1)
     assert auto_chunk(2, 2, 7) == (7, 4)  # never more rows than the sequence has, nor more heads than it has
     assert auto_chunk(32, 48, 128, rows=16) == (16, 512)  # a fixed chunk_size gets as many heads as fit
+    # On a GPU blocks are 32x larger (fewer kernel launches): 128 of the 4096 (batch, head) pairs at B=64, A_r=64.
+    assert auto_chunk(64, 64, 512, device_type="cuda") == (512, 128)
+    assert auto_chunk(8, 12, 128, device_type="cuda") == (128, 96)
     g = torch.Generator().manual_seed(11)
     teacher = tuple(torch.randn(2, 9, 12, generator=g) for _ in range(3))
     student = tuple(torch.randn(2, 9, 6, generator=g, requires_grad=True) for _ in range(3))
