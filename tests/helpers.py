@@ -79,6 +79,10 @@ def launch(
             f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout ---\n{proc.stdout[-6000:]}\n"
             f"--- stderr ---\n{proc.stderr[-6000:]}"
         )
+    # DeepSpeed's CPU shared-memory buffers (69 MB per rank) must not outlive a job (engine.distributed). Checked
+    # after a clean exit only: a rank killed inside init (a fault test) can still leave its buffer.
+    leaked = sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"))
+    assert proc.returncode != 0 or not leaked, f"{' '.join(cmd)} left shared memory behind: {[p.name for p in leaked]}"
     return proc
 
 

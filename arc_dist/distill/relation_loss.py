@@ -133,15 +133,15 @@ def _valid_mask(attention_mask: Tensor | None, x: Tensor) -> Tensor:
     return attention_mask != 0
 
 
-def _split_heads(x: Tensor, valid: Tensor, num_heads: int, dtype: torch.dtype, scale: float) -> Tensor:
-    """[B, S, d] -> a fresh contiguous [B, A_r, S, d_r] in `dtype`, times `scale`, padded positions zeroed (so
-    garbage cannot leak). One pass for a `dtype` input: the head transpose and the scaling share it."""
+def _split_heads(x: Tensor, padding: Tensor | None, num_heads: int, dtype: torch.dtype, scale: float) -> Tensor:
+    """[B, S, d] -> a fresh contiguous [B, A_r, S, d_r] in `dtype`, times `scale`, positions where `padding` [B, S]
+    is True zeroed (so garbage cannot leak). One pass for a `dtype` input: the transpose and the scaling share it."""
     b, s, d = x.shape
     heads = x.view(b, s, num_heads, d // num_heads).transpose(1, 2)
     out = torch.empty(heads.shape, dtype=dtype, device=x.device)
     torch.mul(heads.to(dtype), scale, out=out)
-    if not bool(valid.all()):
-        out.masked_fill_(~valid[:, None, :, None], 0.0)
+    if padding is not None:
+        out.masked_fill_(padding[:, None, :, None], 0.0)
     return out
 
 
@@ -174,17 +174,18 @@ class _FusedRelationKL(torch.autograd.Function):
         bh = b * num_heads
         # Heads flattened into the batch dimension: [B * A_r, S, d_r], so that every matmul is one bmm. Each side is
         # pre-multiplied by scale**0.5, so a score block is a single bmm of Y against Y^T.
+        has_padding = not bool(valid.all())
+        padding = ~valid if has_padding else None
         root_scale_s = (d_s // num_heads) ** -0.25
-        y_s = _split_heads(x_student.detach(), valid, num_heads, dtype, root_scale_s).view(bh, s, -1)
+        y_s = _split_heads(x_student.detach(), padding, num_heads, dtype, root_scale_s).view(bh, s, -1)
         root_scale_t = (x_teacher.shape[-1] // num_heads) ** -0.25
-        y_t = _split_heads(x_teacher.detach(), valid, num_heads, dtype, root_scale_t).view(bh, s, -1)
+        y_t = _split_heads(x_teacher.detach(), padding, num_heads, dtype, root_scale_t).view(bh, s, -1)
         # Padded key columns get a huge negative score rather than -inf: their probabilities are still exactly 0, but
         # log-probabilities stay finite, so p * (log p - log q) is 0 there instead of NaN and needs no mask. Padded
         # query rows need none either: their Y rows are zero on both sides, so teacher and student rows are
         # identical and their KL is exactly 0. (Only the normaliser has to leave them out.)
         key_fill = _key_fill_mask(valid).expand(b, num_heads, 1, s).reshape(bh, 1, s)
         fill_value = torch.finfo(dtype).min / 2
-        has_padding = not bool(valid.all())
         normaliser = float(num_heads * max(int(valid.sum()), 1))
         grad_y = torch.zeros_like(y_s) if need_grad else None
         kl_sum = torch.zeros((), dtype=dtype, device=x_student.device)
@@ -228,8 +229,8 @@ class _FusedRelationKL(torch.autograd.Function):
 
         if grad_y is not None:
             grad_y = grad_y.view(b, num_heads, s, -1)
-            if has_padding:
-                grad_y.masked_fill_(~valid[:, None, :, None], 0.0)
+            if padding is not None:
+                grad_y.masked_fill_(padding[:, None, :, None], 0.0)
             grad_x = torch.empty((b, s, num_heads, grad_y.shape[-1]), dtype=dtype, device=x_student.device)
             torch.mul(grad_y.transpose(1, 2), root_scale_s / normaliser, out=grad_x)
             ctx.save_for_backward(grad_x.view(b, s, d_s))

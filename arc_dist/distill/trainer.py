@@ -223,7 +223,9 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Opt
             (no_decay if p.ndim < 2 else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     # A torch optimizer rather than one declared in the DeepSpeed JSON: DeepSpeed's would JIT-compile fused_adam.
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    # fused=True: one kernel per parameter group on CPU and CUDA (torch >= 2.4); the same update as the default
+    # foreach implementation to float rounding, 4x faster on the stage-1 student's parameters on CPU (README).
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=True)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, warmup: int, total: int):
