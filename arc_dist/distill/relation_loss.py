@@ -17,8 +17,8 @@ term and a column term). Nothing is recomputed in backward, which only rescales 
 ``grad_output``. Memory: four reused [chunk_heads, chunk_size, S] work buffers plus O(B * S * d_s) saved for
 backward -- linear in S for a fixed chunk size. The work buffers are reused across blocks rather than freshly
 allocated because on CPU every fresh allocation of that size costs page faults, and kept small (``auto_chunk``:
-about 1M elements each on CPU) because each block makes some ten passes over them: at cache size those passes do not go to
-main memory, which is what bounds this loss (with d_r = 8-wide relation heads its matmuls are memory-bound too).
+about 1M elements each on CPU) because each block makes some ten passes over them: at cache size those passes do
+not go to main memory, which is what bounds this loss (with 8-wide relation heads its matmuls are memory-bound).
 
 Numerics: everything is computed in float32 (float64 stays float64) even for bf16/fp16 inputs; the gradient is
 returned in the student input's dtype. Padded key columns get probability exactly 0 (-inf in the reference, half
@@ -137,7 +137,7 @@ def _split_heads(x: Tensor, padding: Tensor | None, num_heads: int, dtype: torch
     """[B, S, d] -> a fresh contiguous [B, A_r, S, d_r] in `dtype`, times `scale`, positions where `padding` [B, S]
     is True zeroed (so garbage cannot leak). One pass for a `dtype` input: the transpose and the scaling share it."""
     b, s, d = x.shape
-    heads = x.view(b, s, num_heads, d // num_heads).transpose(1, 2)
+    heads = x.reshape(b, s, num_heads, d // num_heads).transpose(1, 2)
     out = torch.empty(heads.shape, dtype=dtype, device=x.device)
     torch.mul(heads.to(dtype), scale, out=out)
     if padding is not None:
@@ -218,11 +218,11 @@ class _FusedRelationKL(torch.autograd.Function):
                 diff = torch.sub(log_p, log_q, out=buf_scores)
                 kl_sum += torch.dot(p.view(-1), diff.view(-1))
                 if grad_y is not None:
-                    # d loss / d scores = (softmax_S - p_T) / normaliser, softmax_S = exp(log_q); scores = Y Y^T, so Y gets a row term (the
-                    # block's rows, against all keys) and a column term (all rows, against the block's rows). The
-                    # constant factor is applied once after the loop. Padded query rows need no mask here: their Y
-                    # rows are zero, so the column term gets nothing from them and the row term only reaches padded
-                    # rows, which are zeroed below.
+                    # d loss / d scores = (softmax_S - p_T) / normaliser with softmax_S = exp(log_q); scores = Y Y^T,
+                    # so Y gets a row term (the block's rows, against all keys) and a column term (all rows, against
+                    # the block's rows). The constant factor is applied once after the loop. Padded query rows need
+                    # no mask here: their Y rows are zero, so the column term gets nothing from them and the row
+                    # term only reaches padded rows, which are zeroed below.
                     grad_scores = log_q.exp_().sub_(p)
                     grad_y[heads, rows].baddbmm_(grad_scores, ys)
                     grad_y[heads].baddbmm_(grad_scores.transpose(1, 2), ys[:, rows])

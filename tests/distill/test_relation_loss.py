@@ -283,3 +283,23 @@ def test_automatic_chunk_size_matches_reference():
     got = RelationLoss(3)(teacher, student, mask).total
     want = reference_relation_loss(teacher, student, mask, 3).total
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+
+def test_non_contiguous_inputs_match_reference():
+    """Q/K/V that are views (here: [S, B, d] tensors transposed to [B, S, d]) give the same loss and gradient."""
+    teacher = tuple(x.transpose(0, 1).contiguous().transpose(0, 1) for x in make_qkv(3, SEQ, TEACHER_WIDTH,
+                                                                                      requires_grad=False, seed=4))
+    base = make_qkv(SEQ, 3, STUDENT_WIDTH, requires_grad=True, seed=5)  # [S, B, d] leaves
+    student = tuple(x.transpose(0, 1) for x in base)
+    assert not any(x.is_contiguous() for x in (*teacher, *student))
+    mask = ragged_mask([SEQ, 20, 3], SEQ)
+    out = RelationLoss(4, chunk_size=7, chunk_heads=5)(teacher, student, mask)
+    out.total.backward()
+    got = [x.grad.clone() for x in base]
+    for x in base:
+        x.grad = None
+    ref = reference_relation_loss(teacher, student, mask, 4)
+    ref.total.backward()
+    torch.testing.assert_close(out.total, ref.total, rtol=5e-5, atol=0)
+    for g, x in zip(got, base):
+        torch.testing.assert_close(g, x.grad, rtol=1e-5, atol=1e-5 * float(x.grad.abs().max()))
