@@ -235,10 +235,9 @@ def main(argv: list[str] | None = None) -> None:
                                    device=device)
         times[name] = med
     phases: dict[str, dict[str, float]] = {}
-    phase_repeats = args.repeats
     for name in args.dtypes:
         steps.autocast_dtype = None if name == "fp32" else DTYPES[name]
-        phases[name] = steps.project_phases(repeats_for(name, device, phase_repeats, emulated_cap=1))
+        phases[name] = steps.project_phases(repeats_for(name, device, args.repeats, emulated_cap=1))
     # The peak again after the timed work (best of both): a noisy neighbour during the first measurement would
     # otherwise understate the denominator and overstate MFU.
     peaks = {name: max(peaks[name], measure_matmul_tflops(device, DTYPES[name], n=peak_n)) for name in DTYPES}
@@ -275,7 +274,7 @@ def main(argv: list[str] | None = None) -> None:
 
     for d in phases:
         total = sum(phases[d].values())
-        print(f"project step phases ({d}, median of {repeats_for(d, device, phase_repeats, emulated_cap=1)}, "
+        print(f"project step phases ({d}, median of {repeats_for(d, device, args.repeats, emulated_cap=1)}, "
               "separately timed): "
               + ", ".join(f"{k} {v * 1e3:.0f} ms ({100 * v / total:.0f}%)" for k, v in phases[d].items()))
         print(f"MFU of each phase ({d}): " + ", ".join(f"{k} {v:.2f}" for k, v in phase_mfu[d].items()))

@@ -174,8 +174,7 @@ class _FusedRelationKL(torch.autograd.Function):
         bh = b * num_heads
         # Heads flattened into the batch dimension: [B * A_r, S, d_r], so that every matmul is one bmm. Each side is
         # pre-multiplied by scale**0.5, so a score block is a single bmm of Y against Y^T.
-        has_padding = not bool(valid.all())
-        padding = ~valid if has_padding else None
+        padding = None if bool(valid.all()) else ~valid
         root_scale_s = (d_s // num_heads) ** -0.25
         y_s = _split_heads(x_student.detach(), padding, num_heads, dtype, root_scale_s).view(bh, s, -1)
         root_scale_t = (x_teacher.shape[-1] // num_heads) ** -0.25
@@ -205,14 +204,14 @@ class _FusedRelationKL(torch.autograd.Function):
                 n = shape[0] * shape[1] * s
                 buf_p, buf_log_p, buf_scores, buf_log_q = (buf[:n].view(shape) for buf in buffers)
                 scores_t = torch.bmm(yt[:, rows], yt_keys, out=buf_scores)
-                if has_padding:
+                if padding is not None:
                     scores_t.masked_fill_(key_fill[heads], fill_value)
                 # Probabilities as exp(log-probabilities): one elementwise pass over the cache-resident block is
                 # cheaper than a second softmax (5-9% of the loss's time, measured side by side).
                 log_p = torch.log_softmax(scores_t, dim=-1, out=buf_log_p)
                 p = torch.exp(log_p, out=buf_p)
                 scores_s = torch.bmm(ys[:, rows], ys_keys, out=buf_scores)
-                if has_padding:
+                if padding is not None:
                     scores_s.masked_fill_(key_fill[heads], fill_value)
                 log_q = torch.log_softmax(scores_s, dim=-1, out=buf_log_q)
                 diff = torch.sub(log_p, log_q, out=buf_scores)
