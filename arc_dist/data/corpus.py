@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import tarfile
+import tokenize
 import uuid
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -390,7 +391,9 @@ def _decode_ids(sample: dict, path: Path, seq_len: int) -> np.ndarray:
         raise DataError(f"{where} has no {SAMPLE_FIELD} field (found {fields_found}); re-run `arc prepare-corpus`")
     try:
         ids = np.load(io.BytesIO(sample[SAMPLE_FIELD]), allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:
+    # A damaged .npy header reaches numpy's header parser (ast.literal_eval / tokenize), which raises SyntaxError
+    # or tokenize.TokenError rather than ValueError.
+    except (ValueError, OSError, EOFError, SyntaxError, tokenize.TokenError) as exc:
         raise DataError(f"{where}: {SAMPLE_FIELD} is not a valid .npy array ({exc})") from exc
     if ids.ndim != 1 or ids.dtype.kind not in "iu" or len(ids) == 0:
         raise DataError(f"{where}: expected a non-empty 1-D integer array, got shape {ids.shape} dtype {ids.dtype}")
