@@ -455,6 +455,7 @@ def render(scores: dict, speed: dict, stage1: dict | list, config: dict, out: Pa
 # Settings that must agree for reports to be joined (seeds, run directory, device and timings may differ).
 MERGE_MUST_MATCH = ("quick", "teacher", "tasks", "steps", "eval_every", "train_subset", "nprocs", "precision",
                     "lr_student", "lr_teacher", "replacement_schedule", "kd", "student_layers")
+SPEED_KEYS = ("params_m", "layers_x_hidden", "speedup", "latency_ms")  # per method, from a report's measure_speed
 STAGE1_MUST_MATCH = ("steps", "teacher_layer", "relation_heads", "micro_batch_size_per_rank", "ranks", "precision",
                      "embeddings_from_teacher", "corpus_sequences", "corpus_tokens", "corpus_seq_len")
 
@@ -475,16 +476,22 @@ def merge_reports(paths: list[Path], out: Path) -> dict:
             raise ArcError(f"--merge: {path} is not a glue_table.py report (no 'per_seed')")
         reports.append(report)
     first = reports[0]
-    stage1s = [r["stage1"] if isinstance(r["stage1"], dict) else r["stage1"][0] for r in reports]
-    for path, report, st1 in zip(paths, reports, stage1s):
+    # A merged report carries a list of stage-1 descriptions (one per report it joined): all of them are checked.
+    per_report = [r["stage1"] if isinstance(r["stage1"], list) else [r["stage1"]] for r in reports]
+    reference = per_report[0][0]
+    stage1s: list[dict] = []
+    for path, report, entries in zip(paths, reports, per_report):
         for key in MERGE_MUST_MATCH:
             if report["config"].get(key) != first["config"].get(key):
                 raise ArcError(f"--merge: {path} has {key}={report['config'].get(key)!r} but {paths[0]} has "
                                f"{first['config'].get(key)!r}; only reports of the same settings can be joined")
-        for key in STAGE1_MUST_MATCH:
-            if st1.get(key) != stage1s[0].get(key):
-                raise ArcError(f"--merge: {path}'s stage-1 student has {key}={st1.get(key)!r} but {paths[0]}'s has "
-                               f"{stage1s[0].get(key)!r}; only reports with the same stage 1 can be joined")
+        for st1 in entries:
+            for key in STAGE1_MUST_MATCH:
+                if st1.get(key) != reference.get(key):
+                    raise ArcError(f"--merge: {path}'s stage-1 student has {key}={st1.get(key)!r} but {paths[0]}'s "
+                                   f"has {reference.get(key)!r}; only reports with the same stage 1 can be joined")
+            if st1 not in stage1s:
+                stage1s.append(st1)
     tasks = first["config"]["tasks"]
     found: dict[tuple[str, str, int], tuple[float, Path]] = {}  # (task, method, seed) -> (score, report)
     for path, report in zip(paths, reports):
@@ -504,19 +511,21 @@ def merge_reports(paths: list[Path], out: Path) -> dict:
                 raise ArcError(f"--merge: {method} has no {task} score for seed(s) {missing} in any report; run "
                                f"glue_table.py --first-seed {missing[0]} --methods {method} and merge that report too")
     scores = {t: {m: [found[(t, m, seed)][0] for seed in seeds] for m in methods} for t in tasks}
-    speed: dict = {"params_m": {}, "layers_x_hidden": {}, "speedup": {}, "latency_ms": {},
-                   "batch": first["config"]["speed_batch"]}
+    speed: dict = {key: {} for key in SPEED_KEYS}
     for report in reports:
-        for key in ("params_m", "layers_x_hidden", "speedup", "latency_ms"):
+        for key in SPEED_KEYS:
             for method, value in report.get(key, {}).items():  # older reports have no layers_x_hidden
                 speed[key].setdefault(method, value)
-    for key in ("params_m", "layers_x_hidden", "speedup", "latency_ms"):
+    speed["batch"] = first["config"]["speed_batch"]
+    for key in SPEED_KEYS:
         missing = [m for m in methods if m not in speed[key]]
         if missing:
             raise ArcError(f"--merge: no report has {key} of {missing}; add a report that ran them (a newer one)")
+    # A merged report lists its devices (and run directories); it can be merged again.
+    devices = [r["config"].get("device", []) for r in reports]
     config = {**first["config"], "seeds": seeds, "merged_from": [str(p) for p in paths],
               "runs_dir": [r["config"]["runs_dir"] for r in reports],
-              "device": sorted({r["config"]["device"] for r in reports if "device" in r["config"]})}
+              "device": sorted({d for ds in devices for d in ([ds] if isinstance(ds, str) else ds)})}
     return render(scores, speed, stage1s, config, out, elapsed_s=sum(r["elapsed_s"] for r in reports))
 
 

@@ -120,6 +120,12 @@ def test_glue_table_benchmark(tmp_path):
         assert merged["per_seed"]["rte"][method] == [first, second]  # seed order, not argument order
         assert merged["tasks"]["rte"][method] == pytest.approx((first + second) / 2)
     assert "2 seed(s) 42, 43" in merged_path.with_suffix(".md").read_text()
+    # A merged report (devices and stage-1 descriptions as lists) merges again, here with a report it contains.
+    again = tmp_path / "again" / "glue_table.json"
+    proc = subprocess.run([*merge[:2], "--out", str(again), "--merge", str(merged_path), str(out)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert json.loads(again.read_text())["per_seed"] == merged["per_seed"]
 
     # Refused, with the reason: a method without a score for some seed, the same score differing between two
     # reports, and reports of other settings.
