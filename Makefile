@@ -25,7 +25,7 @@ demo: venv
 	$(BIN)/python -m arc_dist.demo $(ARGS)
 
 test: venv
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=15 tests
 
 test-fast: venv
 	$(BIN)/python -m pytest -q -m "not slow and not slurm" tests

@@ -58,6 +58,13 @@ class StudentConfig:
         False, "Copy the teacher's embeddings (word, position, type, LayerNorm) into a random student of the same "
         "width: short runs converge much faster. MiniLMv2 trains them from scratch (the default).",
     )
+    layers_from_teacher: Literal["uniform"] | list[int] | None = option(
+        None, "Initialise the student's layers from teacher layers instead of at random: 'uniform' (the teacher "
+        "layers that stage 2's default one-to-one mapping pairs with each slot) or a 1-based, strictly increasing "
+        "list, one per student layer. Needs the teacher's width, heads and FFN width, and embeddings_from_teacher. "
+        "Stage 2 then swaps layers that already read and write the same representation space. Default: random "
+        "(MiniLMv2).",
+    )
 
 
 @dataclass
@@ -262,6 +269,14 @@ class DistillJobConfig:
             )
         if self.student.intermediate is not None and self.student.intermediate < 1:
             raise ConfigError(f"student.intermediate={self.student.intermediate} must be >= 1 (or null for 4*hidden)")
+        if self.student.layers_from_teacher is not None:
+            if not self.student.embeddings_from_teacher:
+                raise ConfigError(
+                    "student.layers_from_teacher copies teacher layers, which read the teacher's embedding space: "
+                    "set student.embeddings_from_teacher=true as well"
+                )
+            if self.student.init:
+                raise ConfigError("set either student.init or student.layers_from_teacher, not both")
         if not 0 < self.optim.lr < 1:
             raise ConfigError(f"optim.lr={self.optim.lr} must be in (0, 1)")
         if self.teacher.layer == 0:

@@ -19,7 +19,8 @@ theseus, arc and arc_kd use the same replacement schedule (configs/compress_mini
 p=0.3, reaching 1 at 60% of the steps); all students use the same learning rate (--lr-student); the teacher uses
 the fine-tuning config's. The stage-1 student comes from --student, or is trained here once (launchers/distill.py
 with configs/distill_minilm.yaml on WikiText-2 shards made by arc_dist.demo.ensure_corpus; the teacher's embeddings
-are copied into the student where the widths match, as arc_dist.pipeline does).
+are copied into the student where the widths match, as arc_dist.pipeline does; with --stage1-layers-from-teacher
+its layers start as copies of the teacher layers the uniform mapping pairs them with).
 
 Every job is a subprocess started through the `deepspeed` launcher by `arc_dist.pipeline.run_stage` (on a free
 master port) on --nprocs local ranks, in its own run directory under --runs-dir
@@ -108,6 +109,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--student-layers", type=int, default=None, help="stage-1 student layers (default 3; quick 2)")
     p.add_argument("--student-hidden", type=int, default=None, help="stage-1 student width (default 384; quick 32)")
     p.add_argument("--student-heads", type=int, default=None, help="stage-1 student heads (default 12; quick 4)")
+    p.add_argument("--stage1-layers-from-teacher", action="store_true",
+                   help="initialise the stage-1 student's layers from the teacher layers that stage 2's uniform "
+                        "mapping pairs with them (student.layers_from_teacher=uniform; needs the teacher's sizes) "
+                        "instead of at random")
     p.add_argument("--steps", type=int, default=None, help="fine-tuning steps of every method (default 300; quick 10)")
     p.add_argument("--train-subset", type=int, default=None,
                    help="training examples per task, a seeded subset (default 12000; quick: all 200)")
@@ -224,6 +229,7 @@ def stage1_student(args, pretrained: Path, runs: Path) -> tuple[Path, dict]:
             cfg = yaml.safe_load(cfg_path.read_text())
             info["micro_batch_size_per_rank"] = cfg.get("train", {}).get("micro_batch_size")
             info["embeddings_from_teacher"] = cfg.get("student", {}).get("embeddings_from_teacher")
+            info["layers_from_teacher"] = cfg.get("student", {}).get("layers_from_teacher")
             info.update(_corpus_info(Path(cfg.get("data", {}).get("path", ""))))
         return student, info
 
@@ -244,6 +250,8 @@ def stage1_student(args, pretrained: Path, runs: Path) -> tuple[Path, dict]:
                  f"student.heads={args.student_heads}", f"student.intermediate={4 * args.student_hidden}",
                  f"train.steps={args.stage1_steps}", f"optim.warmup_steps={min(20, args.stage1_steps)}",
                  f"train.precision={args.precision}", "metrics.progress_bar=false", "checkpoint.keep_last=1"]
+    if args.stage1_layers_from_teacher:
+        overrides.append("student.layers_from_teacher=uniform")
     if args.quick:
         overrides += ["loss.chunk_size=16", "checkpoint.every_steps=0"]
     summary = launch("stage 1 (relation distill)", "distill", DISTILL_CFG, runs / "stage1", overrides, args)
@@ -256,7 +264,7 @@ def stage1_student(args, pretrained: Path, runs: Path) -> tuple[Path, dict]:
             "relation_heads": summary.get("relation_heads"), "micro_batch_size_per_rank": mbs, "ranks": args.nprocs,
             "sequences_seen": summary.get("step", 0) * mbs * args.nprocs, "precision": cfg["train"]["precision"],
             "embeddings_from_teacher": cfg["student"].get("embeddings_from_teacher"),
-            **_corpus_info(corpus)}
+            "layers_from_teacher": cfg["student"].get("layers_from_teacher"), **_corpus_info(corpus)}
     return runs / "stage1" / "student", info
 
 
@@ -457,7 +465,7 @@ MERGE_MUST_MATCH = ("quick", "teacher", "tasks", "steps", "eval_every", "train_s
                     "lr_student", "lr_teacher", "replacement_schedule", "kd", "student_layers")
 SPEED_KEYS = ("params_m", "layers_x_hidden", "speedup", "latency_ms")  # per method, from a report's measure_speed
 STAGE1_MUST_MATCH = ("steps", "teacher_layer", "relation_heads", "micro_batch_size_per_rank", "ranks", "precision",
-                     "embeddings_from_teacher", "corpus_sequences", "corpus_tokens", "corpus_seq_len")
+                     "embeddings_from_teacher", "layers_from_teacher", "corpus_sequences", "corpus_tokens", "corpus_seq_len")
 
 
 def merge_reports(paths: list[Path], out: Path) -> dict:

@@ -48,6 +48,7 @@ from arc_dist.models.builders import (
     load_teacher_qkv,
     load_tokenizer,
     resolve_teacher_layer,
+    student_layers_from_teacher,
 )
 from arc_dist.models.export import export_hf_model
 from arc_dist.models.family import QKVExtractor
@@ -116,9 +117,14 @@ def train(cfg: DistillJobConfig) -> dict[str, Any]:
     scheduler = build_scheduler(optimizer, cfg.optim.warmup_steps, cfg.train.steps)
     student_engine, _, _, scheduler = deepspeed.initialize(
         model=student, optimizer=optimizer, lr_scheduler=scheduler, config=student_ds)
-    log.info("student %dx%d (%.1fM parameters, %d frozen tensors above the last Q/K/V), ZeRO-%d, %s",
+    init = f"from {cfg.student.init}" if cfg.student.init else "random layers"
+    if cfg.student.layers_from_teacher is not None:
+        copied = student_layers_from_teacher(
+            cfg.student.layers_from_teacher, teacher_config.num_hidden_layers, cfg.student.layers)
+        init = f"layers copied from teacher layers {copied}"
+    log.info("student %dx%d (%.1fM parameters, %s, %d frozen tensors above the last Q/K/V), ZeRO-%d, %s",
              cfg.student.layers, cfg.student.hidden, sum(p.numel() for p in student_model.parameters()) / 1e6,
-             len(frozen), zero_stage(student_ds), "bf16" if bf16 else "fp32")
+             init, len(frozen), zero_stage(student_ds), "bf16" if bf16 else "fp32")
     relation_loss = RelationLoss(
         plan.relation_heads,
         weights={"qq": cfg.loss.weight_qq, "kk": cfg.loss.weight_kk, "vv": cfg.loss.weight_vv},

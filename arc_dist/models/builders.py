@@ -13,6 +13,7 @@ from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deep
 from arc_dist.config import StudentConfig
 from arc_dist.errors import ConfigError
 from arc_dist.models.family import FamilyAdapter, QKVExtractor, family_for
+from arc_dist.replace.mapping import layer_mapping
 
 
 def load_model_config(path: str) -> PretrainedConfig:
@@ -111,18 +112,46 @@ def build_student(
     )
     torch.manual_seed(seed)
     student = AutoModel.from_config(student_config)
-    if cfg.embeddings_from_teacher:
-        if teacher_config.hidden_size != cfg.hidden or teacher_path is None:
-            raise ConfigError(
-                f"student.embeddings_from_teacher needs student.hidden == the teacher's width "
-                f"({teacher_config.hidden_size}), got {cfg.hidden}"
-            )
-        # A 0-layer copy of the teacher loads its embeddings and nothing else.
-        embed_only = load_model_config(teacher_path)
-        embed_only.num_hidden_layers = 0
-        source = AutoModel.from_pretrained(teacher_path, config=embed_only)
-        student.embeddings.load_state_dict(source.embeddings.state_dict())
+    if cfg.embeddings_from_teacher or cfg.layers_from_teacher is not None:
+        _copy_from_teacher(student, family, teacher_config, cfg, teacher_path)
     return student, family
+
+
+def student_layers_from_teacher(spec: str | list[int], teacher_layers: int, student_layers: int) -> list[int]:
+    """The 1-based teacher layer each student layer is initialised from (`student.layers_from_teacher`)."""
+    if spec == "uniform":
+        return [slot[0] + 1 for slot in layer_mapping("uniform", teacher_layers, student_layers)]
+    try:
+        return [slot[0] + 1 for slot in layer_mapping("explicit", teacher_layers, student_layers, explicit=spec)]
+    except ConfigError as e:
+        raise ConfigError(f"student.layers_from_teacher={spec}: {e}") from None
+
+
+def _copy_from_teacher(
+    student: nn.Module, family: FamilyAdapter, teacher_config: PretrainedConfig, cfg: StudentConfig,
+    teacher_path: str | None,
+) -> None:
+    """Copy the teacher's embeddings and, with `cfg.layers_from_teacher`, chosen layers into a fresh student."""
+    what = "student.layers_from_teacher" if cfg.layers_from_teacher is not None else "student.embeddings_from_teacher"
+    if teacher_config.hidden_size != cfg.hidden or teacher_path is None:
+        raise ConfigError(f"{what} needs student.hidden == the teacher's width ({teacher_config.hidden_size}), "
+                          f"got {cfg.hidden}")
+    picked: list[int] = []
+    if cfg.layers_from_teacher is not None:
+        want = {"student.heads": (cfg.heads, teacher_config.num_attention_heads),
+                "student.intermediate": (cfg.intermediate or 4 * cfg.hidden, teacher_config.intermediate_size)}
+        for key, (got, teacher_value) in want.items():
+            if got != teacher_value:
+                raise ConfigError(f"student.layers_from_teacher copies whole teacher layers, so {key} must equal "
+                                  f"the teacher's {teacher_value}, got {got}")
+        picked = student_layers_from_teacher(cfg.layers_from_teacher, teacher_config.num_hidden_layers, cfg.layers)
+    # A copy of the teacher cut at the highest layer needed (0 layers: embeddings only) loads nothing above it.
+    cut = load_model_config(teacher_path)
+    cut.num_hidden_layers = max(picked, default=0)
+    source = AutoModel.from_pretrained(teacher_path, config=cut)
+    student.embeddings.load_state_dict(source.embeddings.state_dict())
+    for student_layer, teacher_layer in zip(family.layers(student), picked):
+        student_layer.load_state_dict(family.layers(source)[teacher_layer - 1].state_dict())
 
 
 def freeze_unused_student_params(extractor: QKVExtractor) -> list[str]:

@@ -132,3 +132,51 @@ def test_student_embeddings_from_teacher(tmp_path):
     with pytest.raises(ConfigError, match="needs student.hidden"):
         build_student(tcfg, StudentConfig(layers=2, hidden=16, heads=4, embeddings_from_teacher=True),
                       seed=0, teacher_path=str(tmp_path))
+
+
+def test_student_layers_from_teacher(tmp_path):
+    tok = make_tokenizer(tmp_path)
+    teacher = make_bert(tmp_path, vocab_size=len(tok), layers=4, hidden=32, heads=4, intermediate=128)
+    tcfg = load_model_config(str(tmp_path))
+    like_teacher = dict(hidden=32, heads=4, intermediate=128, embeddings_from_teacher=True)
+    for spec, picked in (("uniform", [2, 4]), ([1, 3], [1, 3])):
+        student, family = build_student(tcfg, StudentConfig(layers=2, layers_from_teacher=spec, **like_teacher),
+                                        seed=0, teacher_path=str(tmp_path))
+        for student_layer, teacher_layer in zip(family.layers(student), picked):
+            for name, value in family.layers(teacher)[teacher_layer - 1].state_dict().items():
+                torch.testing.assert_close(student_layer.state_dict()[name], value, rtol=0, atol=0)
+        for name, value in teacher.embeddings.state_dict().items():
+            torch.testing.assert_close(student.embeddings.state_dict()[name], value, rtol=0, atol=0)
+        # The copied network computes what the teacher's layers compute in that order.
+        ids = torch.randint(5, len(tok), (2, 7))
+        h = teacher.eval().embeddings(input_ids=ids)
+        for teacher_layer in picked:
+            out = family.layers(teacher)[teacher_layer - 1](h)
+            h = out[0] if isinstance(out, tuple) else out
+        torch.testing.assert_close(student.eval()(input_ids=ids).last_hidden_state, h, rtol=1e-5, atol=1e-5)
+
+    bad = [
+        (dict(layers_from_teacher=[3, 1]), "strictly increasing"),
+        (dict(layers_from_teacher=[1, 5]), "out of range"),
+        (dict(layers_from_teacher=[1, 2, 3]), "has 3 entries but the student has 2"),
+        (dict(layers_from_teacher="uniform", intermediate=64), "student.intermediate must equal the teacher's 128"),
+        (dict(layers_from_teacher="uniform", heads=8), "student.heads must equal the teacher's 4"),
+    ]
+    for change, message in bad:
+        with pytest.raises(ConfigError, match=message):
+            build_student(tcfg, StudentConfig(layers=2, **{**like_teacher, **change}), seed=0,
+                          teacher_path=str(tmp_path))
+
+
+def test_layers_from_teacher_config_checks():
+    from arc_dist.config import DistillJobConfig, load_config
+
+    base = ["teacher.path=t", "data.path=d"]
+    cfg = load_config(DistillJobConfig, overrides=[*base, "student.layers_from_teacher=[2,4,6]",
+                                                   "student.embeddings_from_teacher=true"])
+    assert cfg.student.layers_from_teacher == [2, 4, 6]
+    with pytest.raises(ConfigError, match="set student.embeddings_from_teacher=true as well"):
+        load_config(DistillJobConfig, overrides=[*base, "student.layers_from_teacher=uniform"])
+    with pytest.raises(ConfigError, match="layers_from_teacher"):
+        load_config(DistillJobConfig, overrides=[*base, "student.layers_from_teacher=middle",
+                                                 "student.embeddings_from_teacher=true"])
