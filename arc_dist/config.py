@@ -269,14 +269,16 @@ class DistillJobConfig:
             )
         if self.student.intermediate is not None and self.student.intermediate < 1:
             raise ConfigError(f"student.intermediate={self.student.intermediate} must be >= 1 (or null for 4*hidden)")
-        if self.student.layers_from_teacher is not None:
-            if not self.student.embeddings_from_teacher:
-                raise ConfigError(
-                    "student.layers_from_teacher copies teacher layers, which read the teacher's embedding space: "
-                    "set student.embeddings_from_teacher=true as well"
-                )
-            if self.student.init:
-                raise ConfigError("set either student.init or student.layers_from_teacher, not both")
+        if self.student.layers_from_teacher is not None and not self.student.embeddings_from_teacher:
+            raise ConfigError(
+                "student.layers_from_teacher copies teacher layers, which read the teacher's embedding space: "
+                "set student.embeddings_from_teacher=true as well"
+            )
+        if self.student.init and self.student.embeddings_from_teacher:
+            raise ConfigError(
+                "student.init loads a whole student, so student.embeddings_from_teacher (and layers_from_teacher) "
+                "would be ignored: set either student.init or those, not both"
+            )
         if not 0 < self.optim.lr < 1:
             raise ConfigError(f"optim.lr={self.optim.lr} must be in (0, 1)")
         if self.teacher.layer == 0:

@@ -180,3 +180,5 @@ def test_layers_from_teacher_config_checks():
     with pytest.raises(ConfigError, match="layers_from_teacher"):
         load_config(DistillJobConfig, overrides=[*base, "student.layers_from_teacher=middle",
                                                  "student.embeddings_from_teacher=true"])
+    with pytest.raises(ConfigError, match="set either student.init or those"):
+        load_config(DistillJobConfig, overrides=[*base, "student.init=s", "student.embeddings_from_teacher=true"])
