@@ -56,6 +56,18 @@ def test_teacher_layer_out_of_range_and_missing_teacher(tmp_path, teacher):
     assert_clear_error(proc, "does not exist")
 
 
+def test_student_layers_from_teacher_that_do_not_fit(tmp_path, teacher):
+    like_teacher = ["student.hidden=64", "student.heads=4", "student.intermediate=128",
+                    "student.embeddings_from_teacher=true"]
+    proc = arc("distill", f"teacher.path={teacher}", f"data.path={tmp_path}", f"run_dir={tmp_path / 'run'}",
+               *like_teacher, "student.layers=2", "student.layers_from_teacher=[2,5]")
+    assert_clear_error(proc, "student.layers_from_teacher=[2, 5]", "out of range: use 1-based numbers 1..4")
+    proc = arc("distill", f"teacher.path={teacher}", f"data.path={tmp_path}", f"run_dir={tmp_path / 'run'}",
+               *like_teacher, "student.intermediate=256", "student.layers_from_teacher=uniform")
+    assert_clear_error(proc, "student.intermediate must equal the teacher's 128, got 256")
+    assert not (tmp_path / "run").exists()
+
+
 def test_mapping_that_does_not_fit(tmp_path, teacher):
     tok = make_tokenizer(tmp_path / "s")
     make_bert(tmp_path / "s", vocab_size=len(tok), layers=3, hidden=32, heads=4)

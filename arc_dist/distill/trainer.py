@@ -65,6 +65,7 @@ class Stage1Plan:
     teacher_width: int
     teacher_intermediate: int
     dtype: torch.dtype
+    student_layers_from_teacher: tuple[int, ...] = ()  # 1-based teacher layers the student's layers copy, or ()
 
 
 def plan_stage1(cfg: DistillJobConfig, world_size: int):
@@ -74,9 +75,11 @@ def plan_stage1(cfg: DistillJobConfig, world_size: int):
     layer = resolve_teacher_layer(cfg.teacher.layer, tcfg.num_hidden_layers)
     heads = cfg.loss.relation_heads or default_relation_heads(tcfg.hidden_size, cfg.student.hidden)
     check_relation_heads(heads, tcfg.hidden_size, cfg.student.hidden)
+    init_layers = tuple(student_layers_from_teacher(tcfg, cfg.student))
     validate_corpus(cfg.data.path, tokenizer=tokenizer, seq_len=cfg.data.seq_len, world_size=world_size,
                     num_workers=cfg.data.num_workers)
-    plan = Stage1Plan(layer, heads, tcfg.hidden_size, tcfg.intermediate_size, resolve_dtype(cfg.train.precision))
+    plan = Stage1Plan(layer, heads, tcfg.hidden_size, tcfg.intermediate_size, resolve_dtype(cfg.train.precision),
+                      init_layers)
     return plan, tcfg, tokenizer
 
 
@@ -118,10 +121,8 @@ def train(cfg: DistillJobConfig) -> dict[str, Any]:
     student_engine, _, _, scheduler = deepspeed.initialize(
         model=student, optimizer=optimizer, lr_scheduler=scheduler, config=student_ds)
     init = f"from {cfg.student.init}" if cfg.student.init else "random layers"
-    if cfg.student.layers_from_teacher is not None:
-        copied = student_layers_from_teacher(
-            cfg.student.layers_from_teacher, teacher_config.num_hidden_layers, cfg.student.layers)
-        init = f"layers copied from teacher layers {copied}"
+    if plan.student_layers_from_teacher:
+        init = f"layers copied from teacher layers {list(plan.student_layers_from_teacher)}"
     log.info("student %dx%d (%.1fM parameters, %s, %d frozen tensors above the last Q/K/V), ZeRO-%d, %s",
              cfg.student.layers, cfg.student.hidden, sum(p.numel() for p in student_model.parameters()) / 1e6,
              init, len(frozen), zero_stage(student_ds), "bf16" if bf16 else "fp32")

@@ -117,14 +117,26 @@ def build_student(
     return student, family
 
 
-def student_layers_from_teacher(spec: str | list[int], teacher_layers: int, student_layers: int) -> list[int]:
-    """The 1-based teacher layer each student layer is initialised from (`student.layers_from_teacher`)."""
-    if spec == "uniform":
-        return [slot[0] + 1 for slot in layer_mapping("uniform", teacher_layers, student_layers)]
+def student_layers_from_teacher(teacher_config: PretrainedConfig, cfg: StudentConfig) -> list[int]:
+    """The 1-based teacher layer each student layer is initialised from (`cfg.layers_from_teacher`; [] when unset).
+
+    Checked against the teacher's config alone, so stage 1 can refuse a bad value before loading anything."""
+    if cfg.layers_from_teacher is None:
+        return []
+    want = {"student.hidden": (cfg.hidden, teacher_config.hidden_size),
+            "student.heads": (cfg.heads, teacher_config.num_attention_heads),
+            "student.intermediate": (cfg.intermediate or 4 * cfg.hidden, teacher_config.intermediate_size)}
+    for key, (got, teacher_value) in want.items():
+        if got != teacher_value:
+            raise ConfigError(f"student.layers_from_teacher copies whole teacher layers, so {key} must equal "
+                              f"the teacher's {teacher_value}, got {got}")
+    kind = "uniform" if cfg.layers_from_teacher == "uniform" else "explicit"
+    explicit = None if kind == "uniform" else cfg.layers_from_teacher
     try:
-        return [slot[0] + 1 for slot in layer_mapping("explicit", teacher_layers, student_layers, explicit=spec)]
+        slots = layer_mapping(kind, teacher_config.num_hidden_layers, cfg.layers, explicit=explicit)
     except ConfigError as e:
-        raise ConfigError(f"student.layers_from_teacher={spec}: {e}") from None
+        raise ConfigError(f"student.layers_from_teacher={cfg.layers_from_teacher}: {e}") from None
+    return [slot[0] + 1 for slot in slots]
 
 
 def _copy_from_teacher(
@@ -132,19 +144,10 @@ def _copy_from_teacher(
     teacher_path: str | None,
 ) -> None:
     """Copy the teacher's embeddings and, with `cfg.layers_from_teacher`, chosen layers into a fresh student."""
-    what = "student.layers_from_teacher" if cfg.layers_from_teacher is not None else "student.embeddings_from_teacher"
+    picked = student_layers_from_teacher(teacher_config, cfg)
     if teacher_config.hidden_size != cfg.hidden or teacher_path is None:
-        raise ConfigError(f"{what} needs student.hidden == the teacher's width ({teacher_config.hidden_size}), "
-                          f"got {cfg.hidden}")
-    picked: list[int] = []
-    if cfg.layers_from_teacher is not None:
-        want = {"student.heads": (cfg.heads, teacher_config.num_attention_heads),
-                "student.intermediate": (cfg.intermediate or 4 * cfg.hidden, teacher_config.intermediate_size)}
-        for key, (got, teacher_value) in want.items():
-            if got != teacher_value:
-                raise ConfigError(f"student.layers_from_teacher copies whole teacher layers, so {key} must equal "
-                                  f"the teacher's {teacher_value}, got {got}")
-        picked = student_layers_from_teacher(cfg.layers_from_teacher, teacher_config.num_hidden_layers, cfg.layers)
+        raise ConfigError(f"student.embeddings_from_teacher needs student.hidden == the teacher's width "
+                          f"({teacher_config.hidden_size}), got {cfg.hidden}")
     # A copy of the teacher cut at the highest layer needed (0 layers: embeddings only) loads nothing above it.
     cut = load_model_config(teacher_path)
     cut.num_hidden_layers = max(picked, default=0)

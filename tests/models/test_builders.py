@@ -157,6 +157,7 @@ def test_student_layers_from_teacher(tmp_path):
 
     bad = [
         (dict(layers_from_teacher=[3, 1]), "strictly increasing"),
+        (dict(layers_from_teacher="uniform", hidden=16), "student.hidden must equal the teacher's 32"),
         (dict(layers_from_teacher=[1, 5]), "out of range"),
         (dict(layers_from_teacher=[1, 2, 3]), "has 3 entries but the student has 2"),
         (dict(layers_from_teacher="uniform", intermediate=64), "student.intermediate must equal the teacher's 128"),
