@@ -465,7 +465,8 @@ MERGE_MUST_MATCH = ("quick", "teacher", "tasks", "steps", "eval_every", "train_s
                     "lr_student", "lr_teacher", "replacement_schedule", "kd", "student_layers")
 SPEED_KEYS = ("params_m", "layers_x_hidden", "speedup", "latency_ms")  # per method, from a report's measure_speed
 STAGE1_MUST_MATCH = ("steps", "teacher_layer", "relation_heads", "micro_batch_size_per_rank", "ranks", "precision",
-                     "embeddings_from_teacher", "layers_from_teacher", "corpus_sequences", "corpus_tokens", "corpus_seq_len")
+                     "embeddings_from_teacher", "layers_from_teacher", "corpus_sequences", "corpus_tokens",
+                     "corpus_seq_len")
 
 
 def merge_reports(paths: list[Path], out: Path) -> dict:
