@@ -53,6 +53,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
 from common import (
     REPO,
@@ -224,13 +225,7 @@ def stage1_student(args, pretrained: Path, runs: Path) -> tuple[Path, dict]:
                         teacher_layer=m.get("teacher_layer"), relation_heads=m.get("relation_heads"))
         cfg_path = student.parent / "config.yaml"  # the stage-1 run's resolved config, when it is a run export
         if cfg_path.is_file():
-            import yaml
-
-            cfg = yaml.safe_load(cfg_path.read_text())
-            info["micro_batch_size_per_rank"] = cfg.get("train", {}).get("micro_batch_size")
-            info["embeddings_from_teacher"] = cfg.get("student", {}).get("embeddings_from_teacher")
-            info["layers_from_teacher"] = cfg.get("student", {}).get("layers_from_teacher")
-            info.update(_corpus_info(Path(cfg.get("data", {}).get("path", ""))))
+            info.update(_stage1_config_info(yaml.safe_load(cfg_path.read_text())))
         return student, info
 
     from arc_dist.demo import ensure_corpus
@@ -255,17 +250,24 @@ def stage1_student(args, pretrained: Path, runs: Path) -> tuple[Path, dict]:
     if args.quick:
         overrides += ["loss.chunk_size=16", "checkpoint.every_steps=0"]
     summary = launch("stage 1 (relation distill)", "distill", DISTILL_CFG, runs / "stage1", overrides, args)
-    import yaml
-
     cfg = yaml.safe_load((runs / "stage1" / "config.yaml").read_text())
-    mbs = cfg["train"]["micro_batch_size"]
+    from_config = _stage1_config_info(cfg)
+    mbs = from_config["micro_batch_size_per_rank"]
     info = {"source": str(runs / "stage1" / "student"), "trained_here": True, "steps": summary.get("step"),
             "final_loss": summary.get("final_loss"), "teacher_layer": summary.get("teacher_layer"),
-            "relation_heads": summary.get("relation_heads"), "micro_batch_size_per_rank": mbs, "ranks": args.nprocs,
+            "relation_heads": summary.get("relation_heads"), "ranks": args.nprocs,
             "sequences_seen": summary.get("step", 0) * mbs * args.nprocs, "precision": cfg["train"]["precision"],
-            "embeddings_from_teacher": cfg["student"].get("embeddings_from_teacher"),
-            "layers_from_teacher": cfg["student"].get("layers_from_teacher"), **_corpus_info(corpus)}
+            **from_config}
     return runs / "stage1" / "student", info
+
+
+def _stage1_config_info(cfg: dict) -> dict:
+    """What a stage-1 run's resolved config (its config.yaml) says about its student: batch, init and corpus."""
+    train, student = cfg.get("train", {}), cfg.get("student", {})
+    return {"micro_batch_size_per_rank": train.get("micro_batch_size"),
+            "embeddings_from_teacher": student.get("embeddings_from_teacher"),
+            "layers_from_teacher": student.get("layers_from_teacher"),
+            **_corpus_info(Path(cfg.get("data", {}).get("path", "")))}
 
 
 def _corpus_info(corpus: Path) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -149,7 +150,7 @@ def _copy_from_teacher(
         raise ConfigError(f"student.embeddings_from_teacher needs student.hidden == the teacher's width "
                           f"({teacher_config.hidden_size}), got {cfg.hidden}")
     # A copy of the teacher cut at the highest layer needed (0 layers: embeddings only) loads nothing above it.
-    cut = load_model_config(teacher_path)
+    cut = copy.deepcopy(teacher_config)
     cut.num_hidden_layers = max(picked, default=0)
     source = AutoModel.from_pretrained(teacher_path, config=cut)
     student.embeddings.load_state_dict(source.embeddings.state_dict())
