@@ -39,7 +39,7 @@ bench: venv
 # The GLUE comparison table (an hour or more on 2 CPU cores; resumable). E.g. make bench-glue ARGS="--tasks rte --steps 60"
 # (seeds or --methods run apart join with ARGS="--merge a.json b.json --out benchmarks/results/glue_table.json")
 bench-glue: venv
-	$(BIN)/python benchmarks/glue_table.py --glue-dir $(DATA)/glue --text $(DATA)/wikitext-2-raw $(ARGS)
+	$(BIN)/python benchmarks/glue_table.py --glue-dir $(DATA)/glue $(if $(filter --student,$(ARGS)),,--text $(DATA)/wikitext-2-raw) $(ARGS)
 
 clean:
 	rm -rf demo_out runs .cache

@@ -123,6 +123,12 @@ def random_batch(tokenizer, vocab_size: int, batch: int, seq_len: int, seed: int
             "token_type_ids": torch.zeros_like(ids, device=device)}
 
 
+def report_path(out: Path | None, name: str, quick: bool) -> Path:
+    """Where a benchmark writes its report: `out` if given, else benchmarks/results/<name>.json, or <name>_quick.json
+    for --quick (gitignored), so a smoke run never overwrites a committed full-size result."""
+    return out or RESULTS / f"{name}{'_quick' if quick else ''}.json"
+
+
 def write_report(report: dict, out: Path) -> None:
     """Write the report to `out` and print it as the last stdout line (the benchmarks' common contract)."""
     out.parent.mkdir(parents=True, exist_ok=True)

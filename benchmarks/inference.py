@@ -21,11 +21,11 @@ from pathlib import Path
 import torch
 
 from common import (
-    RESULTS,
     device_description,
     device_for,
     emulated_dtype,
     random_batch,
+    report_path,
     repeats_for,
     resolve_teacher,
     use_all_threads,
@@ -55,7 +55,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads of this process (default: all cores, os.cpu_count())")
-    p.add_argument("--out", type=Path, default=RESULTS / "inference.json")
+    p.add_argument("--out", type=Path, default=None,
+                   help="default: benchmarks/results/inference.json (quick: inference_quick.json)")
     args = p.parse_args(argv)
     args.student_layers = args.student_layers or (2 if args.quick else 3)
     args.seq_len = args.seq_len or (32 if args.quick else 128)
@@ -158,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
                    "student_layers": student.config.num_hidden_layers,
                    "hidden": [teacher.config.hidden_size, student.config.hidden_size]},
     }  # fmt: skip
-    write_report(report, args.out)
+    write_report(report, report_path(args.out, "inference", args.quick))
 
 
 if __name__ == "__main__":

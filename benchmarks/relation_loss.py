@@ -17,7 +17,6 @@ The last stdout line is a JSON object (also written to --out); a human-readable 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -27,11 +26,9 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-# Running as `python benchmarks/relation_loss.py` puts only benchmarks/ on sys.path; the package lives in the repo root.
-sys.path.insert(0, str(REPO))
+from common import report_path, write_report
 
-from arc_dist.distill.relation_loss import RelationLoss, reference_relation_loss  # noqa: E402
+from arc_dist.distill.relation_loss import RelationLoss, reference_relation_loss
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 METHODS = ("project", "reference")
@@ -153,7 +150,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument("--repeats", type=int, default=None, help="timed repetitions per method (default 7, quick 3)")
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "relation_loss.json")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="default: benchmarks/results/relation_loss.json (quick: relation_loss_quick.json)")
     parser.add_argument("--measure-memory", nargs=2, metavar=("METHOD", "SEQ_LEN"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.seq_lens = args.seq_lens or ([64, 128] if args.quick else [128, 512, 1024])
@@ -219,9 +217,7 @@ def main(argv: list[str] | None = None) -> None:
         },
         "results": results,
     }  # fmt: skip
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(report))
+    write_report(report, report_path(args.out, "relation_loss", args.quick))
 
 
 if __name__ == "__main__":

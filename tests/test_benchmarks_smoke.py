@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 
 import pytest
@@ -49,6 +50,8 @@ def test_stage1_step_benchmark(tmp_path):
     assert all(v > 0 for v in report["tokens_per_s"].values())
     assert report["speedup"] > 0 and report["speedup_bf16"] > 0
     assert 0 < report["mfu_fp32"] < 1 and 0 < report["mfu_bf16"] < 1
+    steady = report["mfu_back_to_back"]
+    assert set(steady) == {"fp32", "bf16"} and all(0 < v < 1 for v in steady.values())
     assert report["peak_tflops"]["fp32"] > 0 and report["peak_tflops"]["bf16"] > 0
     # Same students at init, same batch: the project step and the baseline compute the same loss.
     assert report["equivalence_check"]["rel_diff"] < 1e-4
@@ -87,6 +90,7 @@ def test_glue_table_benchmark(tmp_path):
         assert report[f"{arc}_retention"] == pytest.approx(report["averages"][arc] / report["averages"]["teacher"])
         best = max(report["averages"][m] for m in ("truncation", "vanilla_kd", "theseus", "minilmv2"))
         assert report[f"{arc}_minus_best_baseline"] == pytest.approx(report["averages"][arc] - best)
+        assert report[f"{arc}_minus_best_baseline_paired"]["standard_error"] is None  # one task, one seed
     assert report["speedup"]["teacher"] == 1.0
     assert all(report["params_m"][m] < report["params_m"]["teacher"] for m in methods - {"teacher"})
     assert report["stage1"]["trained_here"] and report["stage1"]["corpus_sequences"] > 0
@@ -120,6 +124,15 @@ def test_glue_table_benchmark(tmp_path):
         assert merged["per_seed"]["rte"][method] == [first, second]  # seed order, not argument order
         assert merged["tasks"]["rte"][method] == pytest.approx((first + second) / 2)
     assert "2 seed(s) 42, 43" in merged_path.with_suffix(".md").read_text()
+    # ARC's gap to the best baseline with its standard error over the (task, seed) pairs.
+    paired = merged["arc_minus_best_baseline_paired"]
+    diffs = [a - b for a, b in zip(merged["per_seed"]["rte"]["arc"], merged["per_seed"]["rte"][paired["baseline"]])]
+    assert paired["baseline"] == merged["best_baseline"] and paired["pairs"] == 2
+    assert paired["differences"] == pytest.approx(diffs)
+    assert paired["mean"] == pytest.approx(merged["arc_minus_best_baseline"])
+    assert paired["standard_error"] == pytest.approx(statistics.stdev(diffs) / 2**0.5)
+    assert f"standard error {paired['standard_error']:.2f} over 2 task x seed pairs" in \
+        merged_path.with_suffix(".md").read_text()
     # A merged report (devices and stage-1 descriptions as lists) merges again, here with a report it contains.
     again = tmp_path / "again" / "glue_table.json"
     proc = subprocess.run([*merge[:2], "--out", str(again), "--merge", str(merged_path), str(out)], cwd=REPO,
@@ -141,3 +154,29 @@ def test_glue_table_benchmark(tmp_path):
     other_path.write_text(json.dumps(other))
     proc = subprocess.run(merge + [str(out), str(other_path)], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "steps=" in proc.stderr and "same settings" in proc.stderr, proc.stderr
+
+
+def test_glue_table_refuses_what_it_would_not_use(tmp_path):
+    """Stage-1 flags next to --student (which replaces that stage) and a run directory that is a dangling symlink
+    (e.g. to a teacher run since removed) are refused with the reason, before any job runs or anything is written."""
+    from arc_dist.testing import make_teacher_dir
+
+    script, out = str(REPO / "benchmarks" / "glue_table.py"), tmp_path / "out" / "glue_table.json"
+    student = make_teacher_dir(tmp_path / "student", layers=2, hidden=32, heads=4, intermediate=64, max_positions=64)
+    proc = subprocess.run([PYTHON, script, "--student", str(student), "--stage1-steps", "5",
+                           "--stage1-layers-from-teacher", "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert ("--stage1-steps, --stage1-layers-from-teacher set(s) the stage 1 run here, which --student replaces"
+            in proc.stderr)
+
+    runs = tmp_path / "runs"
+    (runs / "rte" / "seed42").mkdir(parents=True)
+    (runs / "rte" / "seed42" / "teacher").symlink_to(tmp_path / "gone")
+    proc = subprocess.run([PYTHON, script, "--quick", "--tasks", "rte", "--student", str(student),
+                           "--runs-dir", str(runs), "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 2, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert f"run directory {runs / 'rte' / 'seed42' / 'teacher'} is a symlink to {tmp_path / 'gone'}, which does not " \
+           "exist" in proc.stderr, proc.stderr
+    assert not out.parent.exists() and not (tmp_path / "gone").exists()

@@ -183,7 +183,8 @@ class _FusedRelationKL(torch.autograd.Function):
         # log-probabilities stay finite, so p * (log p - log q) is 0 there instead of NaN and needs no mask. Padded
         # query rows need none either: their Y rows are zero on both sides, so teacher and student rows are
         # identical and their KL is exactly 0. (Only the normaliser has to leave them out.)
-        key_fill = _key_fill_mask(valid).expand(b, num_heads, 1, s).reshape(bh, 1, s)
+        key_fill = (None if padding is None
+                    else _key_fill_mask(valid).expand(b, num_heads, 1, s).reshape(bh, 1, s))
         fill_value = torch.finfo(dtype).min / 2
         normaliser = float(num_heads * max(int(valid.sum()), 1))
         grad_y = torch.zeros_like(y_s) if need_grad else None
@@ -204,14 +205,14 @@ class _FusedRelationKL(torch.autograd.Function):
                 n = shape[0] * shape[1] * s
                 buf_p, buf_log_p, buf_scores, buf_log_q = (buf[:n].view(shape) for buf in buffers)
                 scores_t = torch.bmm(yt[:, rows], yt_keys, out=buf_scores)
-                if padding is not None:
+                if key_fill is not None:
                     scores_t.masked_fill_(key_fill[heads], fill_value)
                 # Probabilities as exp(log-probabilities): one elementwise pass over the cache-resident block is
                 # cheaper than a second softmax (5-9% of the loss's time, measured side by side).
                 log_p = torch.log_softmax(scores_t, dim=-1, out=buf_log_p)
                 p = torch.exp(log_p, out=buf_p)
                 scores_s = torch.bmm(ys[:, rows], ys_keys, out=buf_scores)
-                if padding is not None:
+                if key_fill is not None:
                     scores_s.masked_fill_(key_fill[heads], fill_value)
                 log_q = torch.log_softmax(scores_s, dim=-1, out=buf_log_q)
                 diff = torch.sub(log_p, log_q, out=buf_scores)

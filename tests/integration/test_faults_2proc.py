@@ -70,8 +70,8 @@ def test_divergence_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(
                   env=child_env(ARC_FAULTS="nan_loss@5,nan_loss@6,nan_loss@7"))
     assert proc.returncode != 0
     newest = run_dir / "checkpoints" / "step_00000006"
-    assert (f"error: training diverged: steps 5-7 (3 in a row, train.max_consecutive_skips=3) all had a "
-            f"non-finite loss or gradient") in proc.stderr, proc.stderr[-3000:]
+    assert ("error: training diverged: steps 5-7 (3 in a row, train.max_consecutive_skips=3) all had a "
+            "non-finite loss or gradient") in proc.stderr, proc.stderr[-3000:]
     assert f"the newest complete checkpoint, {newest}, is untouched" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000006"
