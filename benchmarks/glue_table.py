@@ -417,22 +417,30 @@ def bar_chart(path: Path, tasks: list[str], means: dict, averages: dict) -> str 
 # ---------------------------------------------------------------------------------------------------------------
 
 
+# Two-sided 95% quantiles of Student's t by degrees of freedom (a df between two rows takes the lower row's value,
+# the wider interval); 1.96 beyond the table.
+T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26, 10: 2.23, 12: 2.18,
+       15: 2.13, 20: 2.09, 30: 2.04, 60: 2.00}
+
+
 def paired_difference(scores: dict, tasks: list[str], method: str, baseline: str) -> dict:
     """`method` minus `baseline` over every (task, seed) pair: the differences, their mean (equal to the gap of the
-    averages) and its standard error (sample std / sqrt(pairs); None with a single pair)."""
+    averages), its standard error and a 95% confidence interval from Student's t (None with a single pair)."""
     diffs = [a - b for t in tasks for a, b in zip(scores[t][method], scores[t][baseline])]
-    se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else None
-    return {"baseline": baseline, "pairs": len(diffs), "differences": diffs, "mean": statistics.mean(diffs),
-            "standard_error": se}
+    mean, n = statistics.mean(diffs), len(diffs)
+    se = statistics.stdev(diffs) / n**0.5 if n > 1 else None
+    t = T95[max(df for df in T95 if df <= n - 1)] if 1 < n <= 61 else 1.96
+    return {"baseline": baseline, "pairs": n, "differences": diffs, "mean": mean, "standard_error": se,
+            "ci95": [mean - t * se, mean + t * se] if se is not None else None}
 
 
 def _noise(paired: dict) -> str:
-    if paired["standard_error"] is None:
+    if paired["ci95"] is None:
         return " (one task and seed: no error estimate)"
-    se = paired["standard_error"]
-    verdict = "within" if abs(paired["mean"]) <= 2 * se else "beyond"
-    return (f", standard error {se:.2f} over {paired['pairs']} task x seed pairs ({verdict} 2 standard errors; "
-            f"pairs where both score the same, e.g. both at chance, count as 0)")
+    lo, hi = paired["ci95"]
+    verdict = "contains 0: not told apart from a tie" if lo <= 0 <= hi else "excludes 0"
+    return (f", 95% confidence interval {lo:+.2f} to {hi:+.2f} over {paired['pairs']} paired task x seed differences "
+            f"({verdict}; a pair where both score the same, e.g. both at chance, counts as 0)")
 
 
 def render(scores: dict, speed: dict, stage1: dict | list, config: dict, out: Path, elapsed_s: float) -> dict:
@@ -460,8 +468,8 @@ def render(scores: dict, speed: dict, stage1: dict | list, config: dict, out: Pa
     retention = {m: averages[m] / averages["teacher"] if averages["teacher"] else None
                  for m in ARC_VARIANTS if m in methods}
     gap = {m: averages[m] - averages[best_baseline] if best_baseline else None for m in retention}
-    # The gap is the mean of the paired (task, seed) differences; their standard error says whether a gap of a
-    # point or less is more than run-to-run noise (the same seed shares the data order and the head's init).
+    # The gap is the mean of the paired (task, seed) differences; their spread says whether a gap of a point or less
+    # is more than run-to-run noise (pairs share the seed: the data order and the head's init).
     paired = {m: paired_difference(scores, tasks, m, best_baseline) for m in retention if best_baseline}
     summary = [f"{LABELS[m]} keeps " + (f"{100 * retention[m]:.1f}%" if retention[m] is not None else "n/a")
                + " of the teacher's average"

@@ -130,8 +130,11 @@ def test_glue_table_benchmark(tmp_path):
     assert paired["baseline"] == merged["best_baseline"] and paired["pairs"] == 2
     assert paired["differences"] == pytest.approx(diffs)
     assert paired["mean"] == pytest.approx(merged["arc_minus_best_baseline"])
-    assert paired["standard_error"] == pytest.approx(statistics.stdev(diffs) / 2**0.5)
-    assert f"standard error {paired['standard_error']:.2f} over 2 task x seed pairs" in \
+    se = statistics.stdev(diffs) / 2**0.5
+    assert paired["standard_error"] == pytest.approx(se)
+    assert paired["ci95"] == pytest.approx([paired["mean"] - 12.71 * se, paired["mean"] + 12.71 * se])  # t, 1 df
+    lo, hi = paired["ci95"]
+    assert f"95% confidence interval {lo:+.2f} to {hi:+.2f} over 2 paired task x seed differences" in \
         merged_path.with_suffix(".md").read_text()
     # A merged report (devices and stage-1 descriptions as lists) merges again, here with a report it contains.
     again = tmp_path / "again" / "glue_table.json"
