@@ -183,3 +183,26 @@ def test_glue_table_refuses_what_it_would_not_use(tmp_path):
     assert f"run directory {runs / 'rte' / 'seed42' / 'teacher'} is a symlink to {tmp_path / 'gone'}, which does not " \
            "exist" in proc.stderr, proc.stderr
     assert not out.parent.exists() and not (tmp_path / "gone").exists()
+
+
+def test_glue_table_paired_difference_interval(monkeypatch):
+    """ARC's gap to a baseline over (task, seed) pairs: mean = gap of the averages, 95% interval from Student's t
+    with pairs-1 degrees of freedom (2.571 at 5), the verdict on 0 in the summary text."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import glue_table
+
+    scores = {"sst2": {"arc": [80.0, 81.0, 79.5], "minilmv2": [79.0, 80.0, 79.0]},
+              "rte": {"arc": [55.0, 56.0, 54.0], "minilmv2": [54.0, 54.5, 53.5]}}
+    diffs = [1.0, 1.0, 0.5, 1.0, 1.5, 0.5]
+    paired = glue_table.paired_difference(scores, ["sst2", "rte"], "arc", "minilmv2")
+    se = statistics.stdev(diffs) / 6**0.5
+    assert paired["differences"] == pytest.approx(diffs) and paired["pairs"] == 6
+    assert paired["mean"] == pytest.approx(statistics.mean(diffs)) and paired["standard_error"] == pytest.approx(se)
+    assert paired["ci95"] == pytest.approx([statistics.mean(diffs) - 2.571 * se, statistics.mean(diffs) + 2.571 * se],
+                                           abs=1e-3)
+    assert "(excludes 0;" in glue_table._noise(paired)
+    scores["rte"]["arc"] = [50.0, 50.0, 50.0]  # now far below on one task: the interval straddles 0
+    assert "(contains 0: not told apart from a tie;" in glue_table._noise(
+        glue_table.paired_difference(scores, ["sst2", "rte"], "arc", "minilmv2"))
+    one = glue_table.paired_difference({"rte": {"arc": [55.0], "minilmv2": [54.0]}}, ["rte"], "arc", "minilmv2")
+    assert one["ci95"] is None and "no error estimate" in glue_table._noise(one)
