@@ -228,25 +228,19 @@ def main(argv: list[str] | None = None) -> None:
     peak_n = 512 if args.quick else 1024
     peaks = {name: measure_matmul_tflops(device, DTYPES[name], n=peak_n) for name in DTYPES}
 
+    # Per dtype: the two steps interleaved (for the ratio), then the project step back to back, then its phases.
+    # Interleaved, each project step runs on memory the baseline's huge buffers just left (page faults, cold caches);
+    # a training loop runs the project step back to back, so its MFU is measured that way too, next to the other.
     times: dict[str, dict[str, float]] = {}
-    for name in args.dtypes:
-        steps.autocast_dtype = None if name == "fp32" else DTYPES[name]
-        med, _ = alternate_medians({"project": steps.project_step, "baseline": steps.baseline_step},
-                                   repeats=repeats_for(name, device, args.repeats), warmup=args.warmup,
-                                   device=device)
-        times[name] = med
-    # The ratio above needs the two steps interleaved, but then each project step runs on memory the baseline's huge
-    # buffers just left (page faults, cold caches). A training loop runs the project step back to back: its MFU is
-    # measured that way too, and reported next to the interleaved one.
     steady: dict[str, float] = {}
-    for name in args.dtypes:
-        steps.autocast_dtype = None if name == "fp32" else DTYPES[name]
-        med, _ = alternate_medians({"project": steps.project_step}, repeats=repeats_for(name, device, args.repeats),
-                                   warmup=args.warmup, device=device)
-        steady[name] = med["project"]
     phases: dict[str, dict[str, float]] = {}
     for name in args.dtypes:
         steps.autocast_dtype = None if name == "fp32" else DTYPES[name]
+        repeats = repeats_for(name, device, args.repeats)
+        times[name], _ = alternate_medians({"project": steps.project_step, "baseline": steps.baseline_step},
+                                           repeats=repeats, warmup=args.warmup, device=device)
+        med, _ = alternate_medians({"project": steps.project_step}, repeats=repeats, warmup=args.warmup, device=device)
+        steady[name] = med["project"]
         phases[name] = steps.project_phases(repeats_for(name, device, args.repeats, emulated_cap=1))
     # The peak again after the timed work (best of both): a noisy neighbour during the first measurement would
     # otherwise understate the denominator and overstate MFU.
@@ -324,8 +318,8 @@ def main(argv: list[str] | None = None) -> None:
             "chunk_size": args.chunk_size, "batch": args.batch, "seq_len": args.seq_len, "tokens_per_step": tokens,
             "repeats": {d: repeats_for(d, device, args.repeats) for d in args.dtypes}, "warmup": args.warmup,
             "emulated_dtypes": [d for d in args.dtypes if emulated_dtype(d, device)], "threads": threads,
-            "device": str(device), "dtypes": args.dtypes, "quick": args.quick, "frozen_student_tensors": len(steps.frozen),
-            "peak_matmul_n": peak_n,
+            "device": str(device), "dtypes": args.dtypes, "quick": args.quick,
+            "frozen_student_tensors": len(steps.frozen), "peak_matmul_n": peak_n,
         },
     }  # fmt: skip
     write_report(report, report_path(args.out, "stage1_step", args.quick))
