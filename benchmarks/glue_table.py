@@ -236,7 +236,8 @@ def stage1_student(args, pretrained: Path, runs: Path) -> tuple[Path, dict]:
         if meta.is_file():
             m = json.loads(meta.read_text())
             info.update(steps=m.get("step"), final_loss=m.get("final_loss"), teacher=m.get("teacher"),
-                        teacher_layer=m.get("teacher_layer"), relation_heads=m.get("relation_heads"))
+                        teacher_layer=m.get("teacher_layer"), relation_heads=m.get("relation_heads"),
+                        ranks=m.get("ranks"), precision=m.get("precision"))  # None from older exports
         cfg_path = student.parent / "config.yaml"  # the stage-1 run's resolved config, when it is a run export
         if cfg_path.is_file():
             info.update(_stage1_config_info(yaml.safe_load(cfg_path.read_text())))
@@ -270,7 +271,8 @@ def stage1_student(args, pretrained: Path, runs: Path) -> tuple[Path, dict]:
     info = {"source": str(runs / "stage1" / "student"), "trained_here": True, "steps": summary.get("step"),
             "final_loss": summary.get("final_loss"), "teacher_layer": summary.get("teacher_layer"),
             "relation_heads": summary.get("relation_heads"), "ranks": args.nprocs,
-            "sequences_seen": summary.get("step", 0) * mbs * args.nprocs, "precision": cfg["train"]["precision"],
+            "sequences_seen": summary.get("step", 0) * mbs * args.nprocs,
+            "precision": summary.get("precision") or cfg["train"]["precision"],  # resolved ("auto" -> bf16/fp32)
             **from_config}
     return runs / "stage1" / "student", info
 
@@ -543,7 +545,9 @@ def merge_reports(paths: list[Path], out: Path) -> dict:
                                f"{first['config'].get(key)!r}; only reports of the same settings can be joined")
         for st1 in entries:
             for key in STAGE1_MUST_MATCH:
-                if st1.get(key) != reference.get(key):
+                # A key that one description lacks cannot be compared: stage-1 exports before ranks and precision
+                # were recorded give None for them (and a --student report states its source instead).
+                if st1.get(key) != reference.get(key) and None not in (st1.get(key), reference.get(key)):
                     raise ArcError(f"--merge: {path}'s stage-1 student has {key}={st1.get(key)!r} but {paths[0]}'s "
                                    f"has {reference.get(key)!r}; only reports with the same stage 1 can be joined")
             if st1 not in stage1s:

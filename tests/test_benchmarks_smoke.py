@@ -94,6 +94,7 @@ def test_glue_table_benchmark(tmp_path):
     assert report["speedup"]["teacher"] == 1.0
     assert all(report["params_m"][m] < report["params_m"]["teacher"] for m in methods - {"teacher"})
     assert report["stage1"]["trained_here"] and report["stage1"]["corpus_sequences"] > 0
+    assert report["stage1"]["ranks"] == report["config"]["nprocs"] and report["stage1"]["precision"] == "fp32"
     assert report["config"]["steps"] > 0 and report["config"]["nprocs"] >= 1
     table = out.with_suffix(".md").read_text()
     assert "ARC + logit KD" in table and "Theseus" in table and "| avg |" in table
@@ -111,6 +112,8 @@ def test_glue_table_benchmark(tmp_path):
     for name, keep in (("arc_kd", {"teacher", "arc_kd"}), ("rest", methods - {"arc_kd"})):
         part = json.loads(json.dumps(other))
         part["per_seed"]["rte"] = {m: v for m, v in part["per_seed"]["rte"].items() if m in keep}
+        if name == "arc_kd":  # as from a stage-1 export older than its ranks and precision: not compared
+            part["stage1"].update(ranks=None, precision=None)
         parts.append(tmp_path / f"seed43_{name}.json")
         parts[-1].write_text(json.dumps(part))
     merged_path = tmp_path / "merged" / "glue_table.json"
@@ -157,6 +160,11 @@ def test_glue_table_benchmark(tmp_path):
     other_path.write_text(json.dumps(other))
     proc = subprocess.run(merge + [str(out), str(other_path)], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "steps=" in proc.stderr and "same settings" in proc.stderr, proc.stderr
+    other["config"]["steps"] -= 1
+    other["stage1"]["relation_heads"] += 1
+    other_path.write_text(json.dumps(other))
+    proc = subprocess.run(merge + [str(out), str(other_path)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "relation_heads=" in proc.stderr and "same stage 1" in proc.stderr, proc.stderr
 
 
 def test_glue_table_refuses_what_it_would_not_use(tmp_path):

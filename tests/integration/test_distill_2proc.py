@@ -41,6 +41,7 @@ def test_loss_goes_down_and_teacher_is_sharded(full_run):
     first, last = sum(curve[s] for s in range(1, 6)) / 5, sum(curve[s] for s in range(STEPS - 4, STEPS + 1)) / 5
     assert last < 0.7 * first, f"relation loss did not go down: first 5 steps {first:.4f}, last 5 {last:.4f}"
     summary = json.loads((full_run / "summary.json").read_text())
+    assert summary["ranks"] == 2 and summary["precision"] in ("fp32", "bf16")  # recorded for glue_table's merge
     held, total = summary["teacher_params_held_per_rank"], summary["teacher_params_total"]
     assert len(held) == 2 and sum(held) >= total
     for n in held:  # ZeRO-3: each rank holds about half (partitions are padded to equal size)
