@@ -185,7 +185,8 @@ def train(cfg: DistillJobConfig) -> dict[str, Any]:
             tokens_per_sec, _ = throughput.rate()
             metrics.log(step, {
                 "train/loss": loss, "train/loss_qq": loss_qq, "train/loss_kk": loss_kk, "train/loss_vv": loss_vv,
-                "train/lr": scheduler.get_last_lr()[0], "train/grad_norm": float(student_engine.get_global_grad_norm() or 0.0),
+                "train/lr": scheduler.get_last_lr()[0],
+                "train/grad_norm": float(student_engine.get_global_grad_norm() or 0.0),
                 "train/skipped_steps": student_engine.skipped_steps,
                 "perf/tokens_per_sec": tokens_per_sec * env.world_size,
                 "perf/mfu": flops_per_token * tokens_per_sec / (peak_tflops * 1e12),
