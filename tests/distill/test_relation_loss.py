@@ -306,8 +306,9 @@ def test_non_contiguous_inputs_match_reference():
 
 
 def test_float32_value_stays_accurate_when_the_student_is_close():
-    """Late in distillation the KL is small next to the scores; fp32 must still give it to a few 1e-6 relative (the
-    fused loss subtracts max-shifted teacher and student scores before it sums, so no large sum cancels)."""
+    """Late in distillation the KL is small next to the scores; fp32 must still give it to 2e-5 relative (the fused
+    loss subtracts max-shifted teacher and student scores before it sums, so no large sum cancels; a version that
+    took the difference of two dot products of p with the raw scores was off by 3% here)."""
     g = torch.Generator().manual_seed(12)
     teacher = tuple(4 * torch.randn(4, 64, 48, generator=g, dtype=torch.float64) for _ in range(3))
     student = tuple(x + 0.01 * torch.randn(x.shape, generator=g, dtype=torch.float64) for x in teacher)
