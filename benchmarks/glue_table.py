@@ -235,9 +235,7 @@ def stage1_student(args, pretrained: Path, runs: Path) -> tuple[Path, dict]:
         meta = student / "arc_stage1.json"
         if meta.is_file():
             m = json.loads(meta.read_text())
-            info.update(steps=m.get("step"), final_loss=m.get("final_loss"), teacher=m.get("teacher"),
-                        teacher_layer=m.get("teacher_layer"), relation_heads=m.get("relation_heads"),
-                        ranks=m.get("ranks"), precision=m.get("precision"))  # None from older exports
+            info.update(_summary_info(m), teacher=m.get("teacher"))
         cfg_path = student.parent / "config.yaml"  # the stage-1 run's resolved config, when it is a run export
         if cfg_path.is_file():
             info.update(_stage1_config_info(yaml.safe_load(cfg_path.read_text())))
@@ -268,13 +266,21 @@ def stage1_student(args, pretrained: Path, runs: Path) -> tuple[Path, dict]:
     cfg = yaml.safe_load((runs / "stage1" / "config.yaml").read_text())
     from_config = _stage1_config_info(cfg)
     mbs = from_config["micro_batch_size_per_rank"]
-    info = {"source": str(runs / "stage1" / "student"), "trained_here": True, "steps": summary.get("step"),
-            "final_loss": summary.get("final_loss"), "teacher_layer": summary.get("teacher_layer"),
-            "relation_heads": summary.get("relation_heads"), "ranks": args.nprocs,
-            "sequences_seen": summary.get("step", 0) * mbs * args.nprocs,
-            "precision": summary.get("precision") or cfg["train"]["precision"],  # resolved ("auto" -> bf16/fp32)
-            **from_config}
+    info = {"source": str(runs / "stage1" / "student"), "trained_here": True, **_summary_info(summary),
+            "sequences_seen": summary.get("step", 0) * mbs * args.nprocs, **from_config}
+    # A stage 1 reused from a runs directory written before ranks and precision were recorded: they are what this
+    # script ran it with.
+    info["ranks"] = info["ranks"] or args.nprocs
+    info["precision"] = info["precision"] or cfg["train"]["precision"]
     return runs / "stage1" / "student", info
+
+
+def _summary_info(summary: dict) -> dict:
+    """What a stage-1 run's summary (its summary.json, or arc_stage1.json in its export) says about the student;
+    None for what an older run did not record (ranks and the resolved precision)."""
+    return {"steps": summary.get("step"), "final_loss": summary.get("final_loss"),
+            "teacher_layer": summary.get("teacher_layer"), "relation_heads": summary.get("relation_heads"),
+            "ranks": summary.get("ranks"), "precision": summary.get("precision")}
 
 
 def _stage1_config_info(cfg: dict) -> dict:

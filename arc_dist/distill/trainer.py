@@ -208,7 +208,7 @@ def train(cfg: DistillJobConfig) -> dict[str, Any]:
     metrics.close()
     summary = {"step": step, "final_loss": last_loss, "completed": step == cfg.train.steps,
                "teacher_layer": plan.teacher_layer, "relation_heads": plan.relation_heads,
-               "ranks": env.world_size, "precision": "bf16" if plan.dtype == torch.bfloat16 else "fp32",
+               "ranks": env.world_size, "precision": "bf16" if bf16 else "fp32",
                "teacher_params_held_per_rank": held,
                "teacher_params_total": total_parameter_count(teacher_engine.module)}
     if summary["completed"]:
