@@ -93,7 +93,12 @@ def measure_matmul_tflops(device: torch.device, dtype: torch.dtype, n: int = 102
     """The achievable matmul peak that MFU is measured against: the best time over `repeats` runs of each matmul
     entry point a model uses (`mm`, `addmm` = nn.Linear with bias, `linear`). On some CPUs they dispatch to
     different kernels: measured on an AVX2 EPYC, fp32 mm 42 vs addmm 84 GFLOP/s, and bf16 (emulated) mm 0.6 vs
-    linear 7.8 GFLOP/s; an MFU against the slower one would overstate utilisation (even above 1)."""
+    linear 7.8 GFLOP/s; an MFU against the slower one would overstate utilisation (even above 1).
+    On a GPU a 1024^3 matmul takes a few microseconds, less than the launch and synchronisation around it, so there
+    the matrices are 8192 wide and each timing covers 10 back-to-back calls."""
+    per_sync = 1
+    if device.type == "cuda":
+        n, per_sync = max(n, 8192), 10
     g = torch.Generator(device=device).manual_seed(0)  # never the global RNG: it drives dropout, saved in checkpoints
     a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
     b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
@@ -105,10 +110,11 @@ def measure_matmul_tflops(device: torch.device, dtype: torch.dtype, n: int = 102
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             t0 = time.perf_counter()
-            op()
+            for _ in range(per_sync):
+                op()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            elapsed = time.perf_counter() - t0
+            elapsed = (time.perf_counter() - t0) / per_sync
             best, spent = min(best, elapsed), spent + elapsed
             if spent > 2.0:
                 break

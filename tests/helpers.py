@@ -32,6 +32,7 @@ def child_env(**extra: str) -> dict:
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     env.update(
         DS_ACCELERATOR="cpu",
+        CUDA_VISIBLE_DEVICES="",
         OMP_NUM_THREADS="1",
         HF_HUB_OFFLINE="1",
         TOKENIZERS_PARALLELISM="false",

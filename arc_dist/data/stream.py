@@ -177,6 +177,7 @@ def build_stream_loader(
         batch_size=None,
         num_workers=num_workers,
         persistent_workers=False,
+        pin_memory=torch.cuda.is_available(),  # the trainer copies batches to the GPU with non_blocking=True
         prefetch_factor=2 if num_workers > 0 else None,
         # Starting an iterator draws a base seed; from a private generator, so that it never consumes the global
         # RNG (which drives dropout) and a resumed run's dropout stream equals an uninterrupted one's.

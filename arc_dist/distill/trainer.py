@@ -160,9 +160,12 @@ def train(cfg: DistillJobConfig) -> dict[str, Any]:
     # ---- the loop ----
     student_engine.train()  # dropout on (a student loaded with student.init comes in eval mode)
     for step in range(start_step + 1, cfg.train.steps + 1):
-        sums = torch.zeros(5, dtype=torch.float64)  # loss, qq, kk, vv summed over micro-steps; stop flag
+        # loss, qq, kk, vv summed over micro-steps; stop flag. On the device: NCCL reduces only CUDA tensors.
+        sums = torch.zeros(5, dtype=torch.float64, device=env.device)
         for _ in range(accum):
-            batch = {k: v.to(env.device, non_blocking=True) for k, v in next(batches).items()}
+            batch = next(batches)
+            tokens = int(batch["attention_mask"].sum())  # counted on the host copy: no device sync
+            batch = {k: v.to(env.device, non_blocking=True) for k, v in batch.items()}
             with torch.no_grad():
                 teacher_qkv = teacher_engine(batch["input_ids"], batch["attention_mask"])
             student_qkv = student_engine(batch["input_ids"], batch["attention_mask"])
@@ -170,8 +173,8 @@ def train(cfg: DistillJobConfig) -> dict[str, Any]:
             loss = poison_loss(out.total, step, env.rank)  # ARC_FAULTS (tests only): a NaN at a chosen step
             student_engine.backward(loss)
             student_engine.step()
-            sums[:4] += torch.stack([loss.detach(), *out.per_relation.values()]).double().cpu()
-            throughput.add(int(batch["attention_mask"].sum()))
+            sums[:4] += torch.stack([loss.detach(), *out.per_relation.values()]).double()
+            throughput.add(tokens)
         sums[4] = float(preemption.requested)
         dist.all_reduce(sums)  # mean losses over ranks for logging; any rank's stop request stops all ranks
         loss, loss_qq, loss_kk, loss_vv = (sums[:4] / (accum * env.world_size)).tolist()

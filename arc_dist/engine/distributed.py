@@ -111,7 +111,9 @@ def native_bf16() -> bool:
     Elsewhere PyTorch emulates bf16, and it is far slower than fp32 (measured 0.6 vs 46 GFLOP/s per core on an
     AVX2 EPYC, against ~4x faster than fp32 on an AMX Xeon)."""
     if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
+        # Not the default including_emulation=True: pre-Ampere GPUs (V100, T4) pass that check by running bf16
+        # emulated, which is what `auto` must avoid. This form reads the device's properties and creates no context.
+        return torch.cuda.is_bf16_supported(including_emulation=False)
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:

@@ -33,7 +33,7 @@ from arc_dist.data.metrics import compute_glue_metrics
 from arc_dist.data.sampling import ResumableBatchSampler, shard_for_eval, subset_indices
 from arc_dist.distill.trainer import build_optimizer, build_scheduler
 from arc_dist.engine.checkpoint import Checkpointer
-from arc_dist.engine.distributed import init_distributed, load_ds_config, resolve_dtype, zero_stage
+from arc_dist.engine.distributed import DistEnv, init_distributed, load_ds_config, resolve_dtype, zero_stage
 from arc_dist.engine.divergence import DivergenceGuard, check_skipping_supported
 from arc_dist.engine.faults import poison_loss
 from arc_dist.engine.preemption import STOP_FILE, PreemptionHandler
@@ -142,8 +142,9 @@ def train_glue(cfg: FinetuneJobConfig | CompressJobConfig) -> dict[str, Any]:
         if models.sampler is not None:
             rate = models.schedule.rate(t)
             mask = models.sampler.mask(t, rate)
-            _check_masks_agree(mask, step, rate, env.world_size, masks_log)
-        sums = torch.zeros(2, dtype=torch.float64)  # loss summed over micro-steps; stop flag
+            _check_masks_agree(mask, step, rate, env, masks_log)
+        # loss summed over micro-steps; stop flag. On the device: NCCL reduces only CUDA tensors.
+        sums = torch.zeros(2, dtype=torch.float64, device=env.device)
         for _ in range(accum):
             batch = next(batches)
             labels = batch.pop("labels").to(env.device)
@@ -158,7 +159,7 @@ def train_glue(cfg: FinetuneJobConfig | CompressJobConfig) -> dict[str, Any]:
             loss = poison_loss(loss, step, env.rank)  # ARC_FAULTS (tests only): a NaN at a chosen step
             engine.backward(loss)
             engine.step()
-            sums[0] += loss.detach().double().cpu()
+            sums[0] += loss.detach().double()
             throughput.add(labels.shape[0])
         sums[1] = float(preemption.requested)
         dist.all_reduce(sums)
@@ -337,11 +338,13 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, cfg: KDC
                     reduction="batchmean") * temp * temp
 
 
-def _check_masks_agree(mask: torch.Tensor, step: int, rate: float, world_size: int, log_file) -> None:
+def _check_masks_agree(mask: torch.Tensor, step: int, rate: float, env: DistEnv, log_file) -> None:
     """The sampler makes masks agree by construction; one tiny all-gather per step proves it and records it.
-    Ranks running different networks would hang ZeRO-3 or silently average unrelated gradients under DDP."""
-    gathered = [torch.zeros_like(mask, dtype=torch.uint8) for _ in range(world_size)]
-    dist.all_gather(gathered, mask.to(torch.uint8))
+    Ranks running different networks would hang ZeRO-3 or silently average unrelated gradients under DDP.
+    The sampler draws on the host; the gather runs on the device (NCCL takes only CUDA tensors)."""
+    local = mask.to(env.device, torch.uint8)
+    gathered = [torch.empty_like(local) for _ in range(env.world_size)]
+    dist.all_gather(gathered, local)
     rows = [g.tolist() for g in gathered]
     if log_file is not None:
         log_file.write(json.dumps({"step": step, "rate": rate, "masks": rows}) + "\n")

@@ -58,6 +58,7 @@ def job_env(conf: Path, **extra: str) -> dict:
         PATH=os.pathsep.join(dict.fromkeys([str(python_bin), str(VENV_BIN), env.get("PATH", "/usr/bin:/bin")])),
         ARC_PYTHON=sys.executable,
         DS_ACCELERATOR="cpu",
+        CUDA_VISIBLE_DEVICES="",
         OMP_NUM_THREADS="1",
         HF_HUB_OFFLINE="1",
         TOKENIZERS_PARALLELISM="false",

@@ -113,9 +113,21 @@ def test_torchrun_zero3_student_bf16(setup):
                                     "checkpoint.every_steps=0"], launcher="torchrun")
     curve = losses(run_dir)
     assert sorted(curve) == list(range(1, 7)) and all(v > 0 for v in curve.values())
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from transformers import AutoModel
 
-    assert AutoModel.from_pretrained(run_dir / "student").config.num_hidden_layers == 2
+    exported = AutoModel.from_pretrained(run_dir / "student")
+    assert exported.config.num_hidden_layers == 2
+    # The export holds the fp32 master weights gathered from both ranks, not the module's bf16 working copies.
+    tag = (run_dir / "checkpoints" / "latest").read_text().strip()
+    masters = get_fp32_state_dict_from_zero_checkpoint(str(run_dir / "checkpoints"), tag=tag)
+    weights = dict(exported.named_parameters())
+    trained = [k for k in weights if k.startswith(("embeddings.", "encoder.layer.0."))]
+    assert trained and all(weights[k].dtype == torch.float32 for k in weights)
+    for key in trained:
+        assert torch.equal(weights[key], masters["model." + key].float()), key
+    word = weights["embeddings.word_embeddings.weight"]
+    assert not torch.equal(word, word.to(torch.bfloat16).float()), "the export is bf16-rounded"
 
 
 def test_sigterm_ends_with_a_consistent_checkpoint_and_resumes(setup, full_run):
