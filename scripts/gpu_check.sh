@@ -29,7 +29,10 @@ QUICK=()  # the rehearsal on CPU: the benchmarks' --quick sizes, fewer pipeline 
 [ "$DEVICE" = cuda ] || QUICK=(--quick)
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONPATH=$PWD
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.cache/torch_extensions}  # DeepSpeed's CPU op, built once
-[ -d "$KIT/wheels" ] || { echo "error: $KIT missing: run scripts/gpu_kit.sh here and carry .gpu-kit" | tee "$LOG"; exit 2; }
+if [ ! -d "$KIT/wheels" ]; then
+    echo "error: $KIT missing: run scripts/gpu_kit.sh here and carry .gpu-kit" | tee "$LOG"
+    exit 2
+fi
 failed=()
 
 step() {  # step NAME TIMEOUT_S COMMAND...: run, log, report; never stops the script
@@ -48,7 +51,8 @@ setup() {
     # Into the image's own Python (its bin/ must hold the `deepspeed` launcher the pipeline calls), no deps: the
     # kit holds exactly what the image lacks.
     if [ "$DEVICE" = cuda ]; then
-        "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade "$KIT"/wheels/*.whl || return 1
+        "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+            "$KIT"/wheels/*.whl || return 1
         nvidia-smi -L
     fi
     "$PY" - <<'EOF'

