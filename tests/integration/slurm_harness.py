@@ -50,20 +50,17 @@ def _script_env(state_dir: Path) -> dict:
 
 
 def job_env(conf: Path, **extra: str) -> dict:
-    """Environment for sbatch/srun/scontrol against the local cluster; sbatch exports it into the job."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "SRUN_", "ARC_"))}
+    """Environment for sbatch/srun/scontrol against the local cluster; sbatch exports it into the job.
+    The child-process environment of every other multi-process test (CPU, one thread per rank, offline hub, cached
+    DeepSpeed op builds), without the caller's Slurm variables and with the cluster's config."""
+    from helpers import child_env
+
+    env = {k: v for k, v in child_env().items() if not k.startswith(("SLURM_", "SBATCH_", "SRUN_", "ARC_"))}
     python_bin = Path(sys.executable).parent  # the jobs run in the environment running the tests
     env.update(
         SLURM_CONF=str(conf),
-        PATH=os.pathsep.join(dict.fromkeys([str(python_bin), str(VENV_BIN), env.get("PATH", "/usr/bin:/bin")])),
+        PATH=os.pathsep.join(dict.fromkeys([str(python_bin), str(VENV_BIN), *env["PATH"].split(os.pathsep)])),
         ARC_PYTHON=sys.executable,
-        DS_ACCELERATOR="cpu",
-        CUDA_VISIBLE_DEVICES="",
-        OMP_NUM_THREADS="1",
-        HF_HUB_OFFLINE="1",
-        TOKENIZERS_PARALLELISM="false",
-        TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions")),
-        PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
     )
     env.update(extra)
     return env
