@@ -32,10 +32,11 @@ examples padded to max_seq_len.
 Outputs: a Markdown table (printed, and written next to --out as .md), a bar chart (.png, when matplotlib is
 importable), and the JSON report (--out, and the last stdout line). Metric values are in points (metric x 100).
 
-Seeds and methods can run apart (--first-seed 43, or --methods arc_kd, in another session or on another machine,
-into its own --out) and be joined afterwards with --merge A.json B.json --out glue_table.json, which checks that the
-settings and the stage-1 run agree, that a score present in two reports is the same in both, and that every method
-has a score for every seed, then recomputes the means. The teacher is always run and reported (the other methods
+Seeds, methods and tasks can run apart (--first-seed 43, --methods arc_kd or --tasks rte, in another session or on
+another machine, into its own --out) and be joined afterwards with --merge A.json B.json --out glue_table.json,
+which checks that the settings and the stage-1 run agree, that a score present in two reports is the same in both,
+and that every method has a score for every task and seed (--merge-seeds 42 keeps only seed 42, e.g. to join a
+one-seed task with a two-seed one), then recomputes the means. The teacher is always run and reported (the other methods
 need it).
 """
 
@@ -95,10 +96,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true",
                    help="tiny random models on a synthetic 2-task GLUE folder in a temp dir, ~10 steps (smoke test)")
     p.add_argument("--merge", type=Path, nargs="+", metavar="REPORT",
-                   help="run nothing: join JSON reports of the same settings run with different seeds or "
-                        "--methods (e.g. --first-seed 43 on another machine) into one table, written to --out; scores "
-                        "are joined per seed and method, the speed-up and parameters come from the first report "
-                        "that has the method")
+                   help="run nothing: join JSON reports of the same settings run with different seeds, "
+                        "--methods or --tasks (e.g. --first-seed 43 on another machine) into one table, written to "
+                        "--out; scores are joined per task, seed and method, the speed-up and parameters come from "
+                        "the first report that has the method")
+    p.add_argument("--merge-seeds", type=int, nargs="+", metavar="SEED",
+                   help="with --merge: keep only these seeds (to join tasks that ran different numbers of seeds)")
     p.add_argument("--glue-dir", type=Path, default=SHARED_DATA / "glue", help="glue_data-style folder of TSV files")
     p.add_argument("--tasks", nargs="+", default=None, help="default: sst2 mrpc rte cola (quick: sst2 rte)")
     p.add_argument("--methods", nargs="+", choices=METHODS[1:], default=list(METHODS[1:]),
@@ -515,8 +518,8 @@ def render(scores: dict, speed: dict, stage1: dict | list, config: dict, out: Pa
     return report
 
 
-# Settings that must agree for reports to be joined (seeds, run directory, device and timings may differ).
-MERGE_MUST_MATCH = ("quick", "teacher", "tasks", "steps", "eval_every", "train_subset", "nprocs", "precision",
+# Settings that must agree for reports to be joined (tasks, seeds, run directory, device and timings may differ).
+MERGE_MUST_MATCH = ("quick", "teacher", "steps", "eval_every", "train_subset", "nprocs", "precision",
                     "lr_student", "lr_teacher", "replacement_schedule", "kd", "student_layers")
 SPEED_KEYS = ("params_m", "layers_x_hidden", "speedup", "latency_ms")  # per method, from a report's measure_speed
 STAGE1_MUST_MATCH = ("steps", "teacher_layer", "relation_heads", "micro_batch_size_per_rank", "ranks", "precision",
@@ -524,12 +527,13 @@ STAGE1_MUST_MATCH = ("steps", "teacher_layer", "relation_heads", "micro_batch_si
                      "corpus_seq_len")
 
 
-def merge_reports(paths: list[Path], out: Path) -> dict:
-    """Join the per-seed scores of reports that ran the same settings with different seeds or methods (--merge).
+def merge_reports(paths: list[Path], out: Path, only_seeds: list[int] | None = None) -> dict:
+    """Join the per-seed scores of reports that ran the same settings with different seeds, methods or tasks
+    (--merge), keeping only `only_seeds` if given.
 
     A (task, method, seed) score may come from several reports only if they agree (a re-run of the same job), and
-    every method in the result must have a score for every seed; parameters and speed-ups come from the first report
-    that has the method."""
+    every method in the result must have a score for every task and seed (the table's averages need them all);
+    parameters and speed-ups come from the first report that has the method."""
     reports = []
     for path in paths:
         try:
@@ -558,17 +562,22 @@ def merge_reports(paths: list[Path], out: Path) -> dict:
                                    f"has {reference.get(key)!r}; only reports with the same stage 1 can be joined")
             if st1 not in stage1s:
                 stage1s.append(st1)
-    tasks = first["config"]["tasks"]
+    tasks = list(dict.fromkeys(task for report in reports for task in report["config"]["tasks"]))
     found: dict[tuple[str, str, int], tuple[float, Path]] = {}  # (task, method, seed) -> (score, report)
     for path, report in zip(paths, reports):
-        for task in tasks:
+        for task in report["config"]["tasks"]:
             for method, values in report["per_seed"][task].items():
                 for seed, value in zip(report["config"]["seeds"], values):
+                    if only_seeds and seed not in only_seeds:
+                        continue
                     seen = found.setdefault((task, method, seed), (value, path))
                     if seen[0] != value:
                         raise ArcError(f"--merge: {task} {method} seed {seed} is {seen[0]} in {seen[1]} but {value} "
                                        f"in {path}; a score may appear in two reports only if they agree")
     seeds = sorted({seed for _, _, seed in found})
+    absent = sorted(set(only_seeds or ()) - set(seeds))
+    if absent:
+        raise ArcError(f"--merge-seeds: no report has seed(s) {absent}; the reports have {seeds}")
     methods = [m for m in METHODS if any(key[1] == m for key in found)]
     for task in tasks:
         for method in methods:
@@ -589,7 +598,7 @@ def merge_reports(paths: list[Path], out: Path) -> dict:
             raise ArcError(f"--merge: no report has {key} of {missing}; add a report that ran them (a newer one)")
     # A merged report lists its devices (and run directories); it can be merged again.
     devices = [r["config"].get("device", []) for r in reports]
-    config = {**first["config"], "seeds": seeds, "merged_from": [str(p) for p in paths],
+    config = {**first["config"], "tasks": tasks, "seeds": seeds, "merged_from": [str(p) for p in paths],
               "runs_dir": [r["config"]["runs_dir"] for r in reports],
               "device": sorted({d for ds in devices for d in ([ds] if isinstance(ds, str) else ds)})}
     return render(scores, speed, stage1s, config, out, elapsed_s=sum(r["elapsed_s"] for r in reports))
@@ -599,7 +608,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         if args.merge:
-            merge_reports(args.merge, args.out)
+            merge_reports(args.merge, args.out, args.merge_seeds)
+        elif args.merge_seeds:
+            raise ArcError("--merge-seeds only selects seeds of --merge REPORT ...; to run seeds use --first-seed and "
+                           "--seeds")
         else:
             run_table(args)
     except ArcError as e:

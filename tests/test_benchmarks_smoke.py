@@ -146,6 +146,32 @@ def test_glue_table_benchmark(tmp_path):
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert json.loads(again.read_text())["per_seed"] == merged["per_seed"]
 
+    # Reports of different tasks join into one table over all of them; --merge-seeds keeps the seeds they share
+    # (here a two-seed CoLA report joins the one-seed RTE report).
+    cola = json.loads(json.dumps(report))
+    cola["config"].update(tasks=["cola"], seeds=[42, 43])
+    cola["per_seed"] = {"cola": {m: [v[0] / 2, v[0] / 3] for m, v in report["per_seed"]["rte"].items()}}
+    cola_path = tmp_path / "cola.json"
+    cola_path.write_text(json.dumps(cola))
+    proc = subprocess.run(merge + [str(out), str(cola_path), "--merge-seeds", "42"], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    joined = json.loads(merged_path.read_text())
+    assert joined["config"]["tasks"] == ["rte", "cola"] and joined["config"]["seeds"] == [42]
+    for method in methods:
+        rte_score = report["per_seed"]["rte"][method][0]
+        assert joined["per_seed"]["rte"][method] == [rte_score]
+        assert joined["per_seed"]["cola"][method] == [rte_score / 2]
+        assert joined["averages"][method] == pytest.approx(rte_score * 3 / 4)
+    header = merged_path.with_suffix(".md").read_text().split("| method |")[1].splitlines()[0]
+    assert header.index("RTE (") < header.index("CoLA (") < header.index("avg")
+    # Without the seed selection RTE has no seed 43; a seed no report has is named.
+    proc = subprocess.run(merge + [str(out), str(cola_path)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "has no rte score for seed(s) [43]" in proc.stderr, proc.stderr
+    proc = subprocess.run(merge + [str(out), str(cola_path), "--merge-seeds", "44"], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2 and "no report has seed(s) [44]" in proc.stderr, proc.stderr
+
     # Refused, with the reason: a method without a score for some seed, the same score differing between two
     # reports, and reports of other settings.
     proc = subprocess.run(merge + [str(out), str(parts[0])], cwd=REPO, capture_output=True, text=True, timeout=300)

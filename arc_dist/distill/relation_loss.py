@@ -133,6 +133,18 @@ def _valid_mask(attention_mask: Tensor | None, x: Tensor) -> Tensor:
     return attention_mask != 0
 
 
+def _count_valid(valid: Tensor, valid_tokens: int | None) -> int:
+    """The number of real tokens: ``valid_tokens`` if the caller gave it, else counted (once per loss, not per
+    relation). A given count is checked where checking is free (on CPU), so a wrong one cannot pass the tests."""
+    if valid_tokens is None or valid.device.type == "cpu":
+        counted = int(valid.sum())
+        if valid_tokens is not None and valid_tokens != counted:
+            raise ValueError(f"valid_tokens={valid_tokens!r} but attention_mask has {counted} non-zero entries; "
+                             "pass the count of the same mask (or None to count it here)")
+        return counted
+    return int(valid_tokens)
+
+
 def _split_heads_transposed(x: Tensor, padding: Tensor | None, num_heads: int, dtype: torch.dtype,
                             scale: float) -> Tensor:
     """[B, S, d] -> a fresh contiguous [B, A_r, d_r, S] (heads split, each transposed) in `dtype`, times `scale`,
@@ -166,6 +178,7 @@ class _FusedRelationKL(torch.autograd.Function):
         x_student: Tensor,
         x_teacher: Tensor,
         valid: Tensor,
+        num_valid: int,
         num_heads: int,
         chunk_rows: int,
         chunk_heads: int,
@@ -174,7 +187,7 @@ class _FusedRelationKL(torch.autograd.Function):
         dtype = _compute_dtype(x_student, x_teacher)
         b, s, d_s = x_student.shape
         bh = b * num_heads
-        padding = None if bool(valid.all()) else ~valid
+        padding = None if num_valid == b * s else ~valid
         root_scale_s = (d_s // num_heads) ** -0.25
         # Heads flattened into the batch dimension, so that every matmul is one bmm, and each side kept as Y^T,
         # [B * A_r, d_r, S] contiguous, pre-multiplied by scale**0.5 so that a score block is a single bmm of Y
@@ -192,7 +205,7 @@ class _FusedRelationKL(torch.autograd.Function):
         key_fill = (None if padding is None
                     else _key_fill_mask(valid).expand(b, num_heads, 1, s).reshape(bh, 1, s))
         fill_value = torch.finfo(dtype).min / 2
-        normaliser = float(num_heads * max(int(valid.sum()), 1))
+        normaliser = float(num_heads * max(num_valid, 1))
         grad_y_t = torch.zeros_like(y_s_keys) if need_grad else None  # the gradient of Y, transposed like y_s_keys
         kl_sum = torch.zeros((), dtype=dtype, device=x_student.device)
         # Four work buffers of [chunk_heads, chunk_rows, S] reused by every block: sized to stay cache-resident
@@ -254,9 +267,9 @@ class _FusedRelationKL(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output: Tensor):  # type: ignore[override]
         if not ctx.saved_tensors:
-            return None, None, None, None, None, None, None
+            return None, None, None, None, None, None, None, None
         (grad_x,) = ctx.saved_tensors
-        return (grad_x * grad_output).to(ctx.student_dtype), None, None, None, None, None, None
+        return (grad_x * grad_output).to(ctx.student_dtype), None, None, None, None, None, None, None
 
 
 # Automatic chunking: whole rows up to this many keys (a block then covers complete relation matrices of a few
@@ -309,9 +322,14 @@ class RelationLoss(nn.Module):
         return (f"num_relation_heads={self.num_relation_heads}, weights={self.weights}, chunk_size={self.chunk_size}, "
                 f"chunk_heads={self.chunk_heads}")
 
-    def forward(self, teacher: QKV, student: QKV, attention_mask: Tensor | None) -> RelationLossOutput:
+    def forward(self, teacher: QKV, student: QKV, attention_mask: Tensor | None,
+                valid_tokens: int | None = None) -> RelationLossOutput:
+        """The loss of one batch. ``valid_tokens``, the number of non-zero ``attention_mask`` entries, is for a
+        caller that already knows it from a host copy of the mask: on a GPU, counting here is a host sync that
+        waits for the forwards queued before the loss."""
         _check_inputs(teacher, student, attention_mask, self.num_relation_heads)
         valid = _valid_mask(attention_mask, student[0])
+        num_valid = _count_valid(valid, valid_tokens)
         # The fused gradient is only worth computing when autograd will ask for it.
         grad_enabled = torch.is_grad_enabled()
         per_relation: dict[str, Tensor] = {}
@@ -325,7 +343,7 @@ class RelationLoss(nn.Module):
                 need_grad = grad_enabled and x_s.requires_grad
                 rows, heads = auto_chunk(x_s.shape[0], self.num_relation_heads, x_s.shape[1], self.chunk_size,
                                          x_s.device.type)
-                loss = _FusedRelationKL.apply(x_s, x_t, valid, self.num_relation_heads, rows,
+                loss = _FusedRelationKL.apply(x_s, x_t, valid, num_valid, self.num_relation_heads, rows,
                                               self.chunk_heads or heads, need_grad)
                 per_relation[name] = loss.detach()
                 if weight != 0.0:

@@ -164,12 +164,12 @@ def train(cfg: DistillJobConfig) -> dict[str, Any]:
         sums = torch.zeros(5, dtype=torch.float64, device=env.device)
         for _ in range(accum):
             batch = next(batches)
-            tokens = int(batch["attention_mask"].sum())  # counted on the host copy: no device sync
+            tokens = int(batch["attention_mask"].sum())  # counted on the host copy: no device sync (also for the loss)
             batch = {k: v.to(env.device, non_blocking=True) for k, v in batch.items()}
             with torch.no_grad():
                 teacher_qkv = teacher_engine(batch["input_ids"], batch["attention_mask"])
             student_qkv = student_engine(batch["input_ids"], batch["attention_mask"])
-            out = relation_loss(teacher_qkv, student_qkv, batch["attention_mask"])
+            out = relation_loss(teacher_qkv, student_qkv, batch["attention_mask"], valid_tokens=tokens)
             loss = poison_loss(out.total, step, env.rank)  # ARC_FAULTS (tests only): a NaN at a chosen step
             student_engine.backward(loss)
             student_engine.step()

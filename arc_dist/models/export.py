@@ -27,10 +27,11 @@ def export_hf_model(engine, model: torch.nn.Module, tokenizer, out_dir: str | Pa
     partitioned = any(hasattr(p, "ds_id") for p in params)
     masters: dict[str, torch.Tensor] = {}
     if any(p.dtype != torch.float32 for p in params):
-        # Collective on every rank, in the same order (an all-reduce or all-gather per parameter).
+        # Collective on every rank, in the same order (an all-reduce or all-gather per parameter); only rank 0,
+        # which writes them, keeps a host copy.
         for name, p in model.named_parameters():
             master = safe_get_full_fp32_param(p)
-            if master is not None:
+            if master is not None and rank == 0:
                 masters[name] = master.detach().cpu()
     with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=partitioned):
         if rank == 0:

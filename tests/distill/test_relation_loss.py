@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from arc_dist.distill.relation_loss import RELATIONS, RelationLoss, reference_relation_loss
+from arc_dist.distill.relation_loss import RELATIONS, RelationLoss, _count_valid, reference_relation_loss
 from arc_dist.errors import ConfigError
 
 TEACHER_WIDTH, STUDENT_WIDTH, SEQ = 48, 24, 37
@@ -87,6 +87,31 @@ def test_mask_of_ones_equals_no_mask():
     out_ones, grads_ones = run(loss, teacher, student, torch.ones(2, SEQ, dtype=torch.long))
     torch.testing.assert_close(out_ones.total, out_none.total, rtol=0, atol=0)
     assert_grads_close(grads_ones, grads_none, rtol=0)
+
+
+@pytest.mark.parametrize("lengths", [[SEQ, SEQ], [SEQ, 20]])
+def test_token_count_from_the_caller_gives_the_same_loss(lengths):
+    """The stage-1 trainer passes the token count of the host copy of the mask (valid_tokens), so that a GPU step
+    does not sync to count it: the result is bit-identical to counting here, padded or not."""
+    teacher = make_qkv(2, SEQ, TEACHER_WIDTH, requires_grad=False)
+    student = make_qkv(2, SEQ, STUDENT_WIDTH, requires_grad=True, seed=1)
+    mask = ragged_mask(lengths, SEQ)
+    loss = RelationLoss(4, chunk_size=8)
+    out_counted, grads_counted = run(loss, teacher, student, mask)
+    out_given, grads_given = run(lambda t, s, m: loss(t, s, m, valid_tokens=sum(lengths)), teacher, student, mask)
+    torch.testing.assert_close(out_given.total, out_counted.total, rtol=0, atol=0)
+    assert_grads_close(grads_given, grads_counted, rtol=0)
+
+
+def test_wrong_token_count_is_rejected_on_cpu_and_trusted_elsewhere():
+    teacher = make_qkv(2, SEQ, TEACHER_WIDTH, requires_grad=False)
+    student = make_qkv(2, SEQ, STUDENT_WIDTH, requires_grad=True, seed=1)
+    mask = ragged_mask([SEQ, 20], SEQ)
+    with pytest.raises(ValueError, match=r"valid_tokens=74 but attention_mask has 57 non-zero entries"):
+        RelationLoss(4)(teacher, student, mask, valid_tokens=2 * SEQ)
+    # Off the CPU a given count is used as is: counting is what it saves (a meta tensor cannot even be counted).
+    assert _count_valid(torch.ones(2, 3, dtype=torch.bool, device="meta"), 5) == 5
+    assert _count_valid(mask != 0, None) == SEQ + 20
 
 
 @pytest.mark.parametrize("loss_name", ["project", "reference"])
