@@ -32,10 +32,11 @@ def export_hf_model(engine, model: torch.nn.Module, tokenizer, out_dir: str | Pa
         for name, p in model.named_parameters():
             master = safe_get_full_fp32_param(p)
             if master is not None and rank == 0:
-                masters[name] = master.detach().cpu()
+                # copy=True: a host tensor of its own even where the master already lives on the host (CPU runs).
+                masters[name] = master.detach().to("cpu", torch.float32, copy=True)
     with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=partitioned):
         if rank == 0:
-            state = {k: masters.get(k, v).detach().to("cpu", torch.float32).clone()
+            state = {k: masters[k] if k in masters else v.detach().to("cpu", torch.float32, copy=True)
                      for k, v in model.state_dict().items()}
             model.save_pretrained(str(out_dir), state_dict=state)
             # save_pretrained records the module's dtype (bf16 under bf16 training), and from_pretrained's default
