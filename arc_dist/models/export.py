@@ -36,8 +36,13 @@ def export_hf_model(engine, model: torch.nn.Module, tokenizer, out_dir: str | Pa
                 masters[name] = master.detach().to("cpu", torch.float32, copy=True)
     with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=partitioned):
         if rank == 0:
-            state = {k: masters[k] if k in masters else v.detach().to("cpu", torch.float32, copy=True)
-                     for k, v in model.state_dict().items()}
+            # A tied pair (e.g. a masked-LM decoder sharing the word embeddings) is one parameter under two
+            # state-dict names, and named_parameters (hence masters) knows it by the first: look both up by identity.
+            first_name = {id(p): name for name, p in model.named_parameters()}
+            state = {}
+            for k, v in model.state_dict(keep_vars=True).items():
+                source = first_name.get(id(v), k)
+                state[k] = masters[source] if source in masters else v.detach().to("cpu", torch.float32, copy=True)
             model.save_pretrained(str(out_dir), state_dict=state)
             # save_pretrained records the module's dtype (bf16 under bf16 training), and from_pretrained's default
             # dtype="auto" would then load these fp32 weights as bf16: the config must say what was written.
