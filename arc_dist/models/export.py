@@ -25,24 +25,22 @@ def export_hf_model(engine, model: torch.nn.Module, tokenizer, out_dir: str | Pa
     out_dir = Path(out_dir)
     params = list(model.parameters())
     partitioned = any(hasattr(p, "ds_id") for p in params)
-    masters: dict[str, torch.Tensor] = {}
+    # Keyed by the parameter itself, not its name: a tied pair (e.g. a masked-LM decoder sharing the word
+    # embeddings) is one parameter with one master under two state-dict names, and both must be written from it.
+    masters: dict[int, torch.Tensor] = {}
     if any(p.dtype != torch.float32 for p in params):
         # Collective on every rank, in the same order (an all-reduce or all-gather per parameter); only rank 0,
         # which writes them, keeps a host copy.
-        for name, p in model.named_parameters():
+        for p in params:
             master = safe_get_full_fp32_param(p)
             if master is not None and rank == 0:
                 # copy=True: a host tensor of its own even where the master already lives on the host (CPU runs).
-                masters[name] = master.detach().to("cpu", torch.float32, copy=True)
+                masters[id(p)] = master.detach().to("cpu", torch.float32, copy=True)
     with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=partitioned):
         if rank == 0:
-            # A tied pair (e.g. a masked-LM decoder sharing the word embeddings) is one parameter under two
-            # state-dict names, and named_parameters (hence masters) knows it by the first: look both up by identity.
-            first_name = {id(p): name for name, p in model.named_parameters()}
-            state = {}
-            for k, v in model.state_dict(keep_vars=True).items():
-                source = first_name.get(id(v), k)
-                state[k] = masters[source] if source in masters else v.detach().to("cpu", torch.float32, copy=True)
+            # keep_vars=True: the entries are the parameters themselves, so each finds its master by identity.
+            state = {k: masters[id(v)] if id(v) in masters else v.detach().to("cpu", torch.float32, copy=True)
+                     for k, v in model.state_dict(keep_vars=True).items()}
             model.save_pretrained(str(out_dir), state_dict=state)
             # save_pretrained records the module's dtype (bf16 under bf16 training), and from_pretrained's default
             # dtype="auto" would then load these fp32 weights as bf16: the config must say what was written.
