@@ -14,8 +14,11 @@ best dev score over its evaluations (the usual GLUE dev protocol):
   arc         the stage-1 student + one-to-one replacement, uniform mapping (compress student.path=<stage-1 student>)
   arc_kd      arc + logit KD from the fine-tuned teacher (compress ... kd.weight=1.0): ARC_METHOD.md leaves KD in
               stage 2 "off by default until the benchmarks show it helps", and this row is that benchmark
+  arc_block   the stage-1 student + Theseus' block mapping (compress student.path=<stage-1 student>
+              mapping.kind=block): ARC's init with Theseus' mapping, the {init} x {mapping} cell that tells which of
+              the two differences between arc and theseus accounts for a gap between them
 
-theseus, arc and arc_kd use the same replacement schedule (configs/compress_minilm_sst2.yaml: linear curriculum from
+theseus, arc, arc_kd and arc_block use the same replacement schedule (configs/compress_minilm_sst2.yaml: linear curriculum from
 p=0.3, reaching 1 at 60% of the steps); all students use the same learning rate (--lr-student); the teacher uses
 the fine-tuning config's. The stage-1 student comes from --student, or is trained here once (launchers/distill.py
 with configs/distill_minilm.yaml on WikiText-2 shards made by arc_dist.demo.ensure_corpus; the teacher's embeddings
@@ -73,9 +76,9 @@ from arc_dist.errors import ArcError
 from arc_dist.metrics import compare_latency
 from arc_dist import pipeline
 
-METHODS = ("teacher", "truncation", "vanilla_kd", "theseus", "minilmv2", "arc", "arc_kd")
+METHODS = ("teacher", "truncation", "vanilla_kd", "theseus", "minilmv2", "arc", "arc_kd", "arc_block")
 BASELINES = ("truncation", "vanilla_kd", "theseus", "minilmv2")
-ARC_VARIANTS = ("arc", "arc_kd")
+ARC_VARIANTS = ("arc", "arc_kd", "arc_block")
 LABELS = {
     "teacher": "Teacher (fine-tuned)",
     "truncation": "Truncation (bottom layers, FT)",
@@ -84,6 +87,7 @@ LABELS = {
     "minilmv2": "MiniLMv2 (stage 1 + FT)",
     "arc": "ARC (stage 1 + 1-to-1 replacement)",
     "arc_kd": "ARC + logit KD",
+    "arc_block": "ARC init, block mapping (stage 1 + Theseus' mapping)",
 }
 FINETUNE_CFG = REPO / "configs" / "finetune_minilm_sst2.yaml"
 COMPRESS_CFG = REPO / "configs" / "compress_minilm_sst2.yaml"
@@ -327,7 +331,7 @@ def run_task(args, task: str, seed: int, pretrained: Path, student: Path, studen
     teacher = base / "teacher" / "best"
     teacher_lr = [f"optim.lr={args.lr_teacher}"] if args.lr_teacher else []
     truncated = [f"model={pretrained}", f"truncate_layers={student_layers}"]
-    arc = [f"teacher={teacher}", f"student.path={student}", "mapping.kind=uniform", replacing]
+    arc = [f"teacher={teacher}", f"student.path={student}", replacing]
     jobs = {  # method: (stage, config, overrides before the common ones)
         "teacher": ("finetune", FINETUNE_CFG, [f"model={pretrained}", *teacher_lr]),
         "truncation": ("finetune", FINETUNE_CFG, [*truncated, lr]),
@@ -336,8 +340,9 @@ def run_task(args, task: str, seed: int, pretrained: Path, student: Path, studen
                     [f"teacher={teacher}", f"student.truncate_teacher_layers={student_layers}", "mapping.kind=block",
                      replacing, lr]),
         "minilmv2": ("finetune", FINETUNE_CFG, [f"model={student}", lr]),
-        "arc": ("compress", COMPRESS_CFG, [*arc, lr]),
-        "arc_kd": ("compress", COMPRESS_CFG, [*arc, "kd.weight=1.0", lr]),
+        "arc": ("compress", COMPRESS_CFG, [*arc, "mapping.kind=uniform", lr]),
+        "arc_kd": ("compress", COMPRESS_CFG, [*arc, "mapping.kind=uniform", "kd.weight=1.0", lr]),
+        "arc_block": ("compress", COMPRESS_CFG, [*arc, "mapping.kind=block", lr]),
     }
     print(f"{task} seed {seed}:", flush=True)
     dirs = {m: base / m for m in args.methods}
@@ -677,6 +682,7 @@ def run_table(args: argparse.Namespace) -> None:
         "kd": "vanilla_kd: CE + 1.0 x KL(teacher || student) at T=1",
         "arc_kd": "arc + CE + 1.0 x KL(fine-tuned teacher || student) at T=1, the same replacement schedule",
         "theseus_init": "bottom layers of the FINE-TUNED teacher (Theseus' own init), block mapping",
+        "arc_block": "the stage-1 student (arc's init), block mapping (theseus'), the same replacement schedule",
         "truncation_init": "bottom layers of the PRE-TRAINED teacher",
         "student_layers": student_layers, "runs_dir": str(runs) if not (args.quick and args.runs_dir is None)
         else "temporary (removed)", "speed_batch": speed["batch"], "latency_repeats": args.latency_repeats,

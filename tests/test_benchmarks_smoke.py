@@ -8,6 +8,7 @@ import statistics
 import subprocess
 
 import pytest
+import yaml
 from helpers import PYTHON, REPO
 
 
@@ -72,21 +73,22 @@ def test_inference_benchmark(tmp_path):
 @pytest.mark.slow
 def test_glue_table_benchmark(tmp_path):
     """--quick on one synthetic task (the default two tasks make 13 deepspeed launches: minutes on 2 shared
-    cores); one task runs stage 1 and all seven methods, so every code path is covered."""
-    out = tmp_path / "results" / "glue_table.json"
+    cores); one task runs stage 1 and all eight methods, so every code path is covered."""
+    out, runs = tmp_path / "results" / "glue_table.json", tmp_path / "runs"
     proc = subprocess.run(
-        [PYTHON, str(REPO / "benchmarks" / "glue_table.py"), "--quick", "--tasks", "rte", "--out", str(out)],
+        [PYTHON, str(REPO / "benchmarks" / "glue_table.py"), "--quick", "--tasks", "rte", "--out", str(out),
+         "--runs-dir", str(runs)],
         cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "2"}, capture_output=True, text=True, timeout=900,
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert json.loads(out.read_text()) == report
     assert report["benchmark"] == "glue_table"
-    methods = {"teacher", "truncation", "vanilla_kd", "theseus", "minilmv2", "arc", "arc_kd"}
+    methods = {"teacher", "truncation", "vanilla_kd", "theseus", "minilmv2", "arc", "arc_kd", "arc_block"}
     assert set(report["tasks"]) == {"rte"} and set(report["tasks"]["rte"]) == methods
     assert all(0 <= v <= 100 for v in report["tasks"]["rte"].values())
     assert set(report["averages"]) == methods
-    for arc in ("arc", "arc_kd"):
+    for arc in ("arc", "arc_kd", "arc_block"):
         assert report[f"{arc}_retention"] == pytest.approx(report["averages"][arc] / report["averages"]["teacher"])
         best = max(report["averages"][m] for m in ("truncation", "vanilla_kd", "theseus", "minilmv2"))
         assert report[f"{arc}_minus_best_baseline"] == pytest.approx(report["averages"][arc] - best)
@@ -96,6 +98,16 @@ def test_glue_table_benchmark(tmp_path):
     assert report["stage1"]["trained_here"] and report["stage1"]["corpus_sequences"] > 0
     assert report["stage1"]["ranks"] == report["config"]["nprocs"] and report["stage1"]["precision"] == "fp32"
     assert report["config"]["steps"] > 0 and report["config"]["nprocs"] >= 1
+    # The replacement methods differ in init and mapping only as the table says: the jobs' resolved configs.
+    resolved = {m: yaml.safe_load((runs / "rte" / "seed42" / m / "config.yaml").read_text())
+                for m in ("theseus", "arc", "arc_kd", "arc_block")}
+    stage1_student = str((runs / "stage1" / "student").resolve())
+    assert {m: (c["student"]["path"], c["student"]["truncate_teacher_layers"], c["mapping"]["kind"], c["kd"]["weight"])
+            for m, c in resolved.items()} == {"theseus": ("", 2, "block", 0.0),
+                                               "arc": (stage1_student, None, "uniform", 0.0),
+                                               "arc_kd": (stage1_student, None, "uniform", 1.0),
+                                               "arc_block": (stage1_student, None, "block", 0.0)}
+    assert len({c["schedule"]["replacing_steps"] for c in resolved.values()}) == 1  # the same curriculum
     table = out.with_suffix(".md").read_text()
     assert "ARC + logit KD" in table and "Theseus" in table and "| avg |" in table
     chart = out.with_suffix(".png")  # matplotlib comes with the `bench` extra that `make venv` installs
