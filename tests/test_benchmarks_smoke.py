@@ -72,7 +72,7 @@ def test_inference_benchmark(tmp_path):
 
 @pytest.mark.slow
 def test_glue_table_benchmark(tmp_path):
-    """--quick on one synthetic task (the default two tasks make 13 deepspeed launches: minutes on 2 shared
+    """--quick on one synthetic task (the default two tasks make 17 deepspeed launches: minutes on 2 shared
     cores); one task runs stage 1 and all eight methods, so every code path is covered."""
     out, runs = tmp_path / "results" / "glue_table.json", tmp_path / "runs"
     proc = subprocess.run(
