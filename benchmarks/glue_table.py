@@ -20,10 +20,10 @@ best dev score over its evaluations (the usual GLUE dev protocol):
 
 theseus, arc, arc_kd and arc_block use the same replacement schedule (configs/compress_minilm_sst2.yaml: linear
 curriculum from p=0.3, reaching 1 at 60% of the steps); all students use the same learning rate (--lr-student); the
-teacher uses the fine-tuning config's. The stage-1 student comes from --student, or is trained here once (launchers/distill.py
-with configs/distill_minilm.yaml on WikiText-2 shards made by arc_dist.demo.ensure_corpus; the teacher's embeddings
-are copied into the student where the widths match, as arc_dist.pipeline does; with --stage1-layers-from-teacher
-its layers start as copies of the teacher layers the uniform mapping pairs them with).
+teacher uses the fine-tuning config's. The stage-1 student comes from --student, or is trained here once
+(launchers/distill.py with configs/distill_minilm.yaml on WikiText-2 shards made by arc_dist.demo.ensure_corpus; the
+teacher's embeddings are copied into the student where the widths match, as arc_dist.pipeline does; with
+--stage1-layers-from-teacher its layers start as copies of the teacher layers the uniform mapping pairs them with).
 
 Every job is a subprocess started through the `deepspeed` launcher by `arc_dist.pipeline.run_stage` (on a free
 master port) on --nprocs local ranks, in its own run directory under --runs-dir
