@@ -49,6 +49,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import shutil
 import statistics
 import sys
@@ -79,6 +80,7 @@ from arc_dist import pipeline
 METHODS = ("teacher", "truncation", "vanilla_kd", "theseus", "minilmv2", "arc", "arc_kd", "arc_block")
 BASELINES = ("truncation", "vanilla_kd", "theseus", "minilmv2")
 ARC_VARIANTS = ("arc", "arc_kd", "arc_block")
+REPLACEMENT_METHODS = ("theseus", *ARC_VARIANTS)  # the stage-2 replacement jobs: one schedule (REPLACING_FRACTION)
 LABELS = {
     "teacher": "Teacher (fine-tuned)",
     "truncation": "Truncation (bottom layers, FT)",
@@ -532,6 +534,18 @@ STAGE1_MUST_MATCH = ("steps", "teacher_layer", "relation_heads", "micro_batch_si
                      "corpus_seq_len")
 
 
+def merge_setting(config: dict, key: str):
+    """A report's value of a MERGE_MUST_MATCH setting, as compared by --merge.
+
+    Reports written before `replacement_methods` existed appended a method list to the schedule ("... of the steps
+    (theseus, arc)") that never named all the methods using it; the list is not part of the schedule, so it is
+    dropped here and those reports still join the newer ones (a different schedule is still refused)."""
+    value = config.get(key)
+    if key == "replacement_schedule" and isinstance(value, str):
+        value = re.sub(r" \([a-z_, ]+\)$", "", value)
+    return value
+
+
 def merge_reports(paths: list[Path], out: Path, only_seeds: list[int] | None = None) -> dict:
     """Join the per-seed scores of reports that ran the same settings with different seeds, methods or tasks
     (--merge), keeping only `only_seeds` if given.
@@ -555,7 +569,7 @@ def merge_reports(paths: list[Path], out: Path, only_seeds: list[int] | None = N
     stage1s: list[dict] = []
     for path, report, entries in zip(paths, reports, per_report):
         for key in MERGE_MUST_MATCH:
-            if report["config"].get(key) != first["config"].get(key):
+            if merge_setting(report["config"], key) != merge_setting(first["config"], key):
                 raise ArcError(f"--merge: {path} has {key}={report['config'].get(key)!r} but {paths[0]} has "
                                f"{first['config'].get(key)!r}; only reports of the same settings can be joined")
         for st1 in entries:
@@ -604,6 +618,8 @@ def merge_reports(paths: list[Path], out: Path, only_seeds: list[int] | None = N
     # A merged report lists its devices (and run directories); it can be merged again.
     devices = [r["config"].get("device", []) for r in reports]
     config = {**first["config"], "tasks": tasks, "seeds": seeds, "merged_from": [str(p) for p in paths],
+              "replacement_schedule": merge_setting(first["config"], "replacement_schedule"),
+              "replacement_methods": [m for m in methods if m in REPLACEMENT_METHODS],
               "runs_dir": [r["config"]["runs_dir"] for r in reports],
               "device": sorted({d for ds in devices for d in ([ds] if isinstance(ds, str) else ds)})}
     return render(scores, speed, stage1s, config, out, elapsed_s=sum(r["elapsed_s"] for r in reports))
@@ -678,7 +694,8 @@ def run_table(args: argparse.Namespace) -> None:
         "seeds": seeds, "nprocs": args.nprocs, "threads_per_rank": int(os.environ["OMP_NUM_THREADS"]),
         "precision": args.precision, "lr_student": args.lr_student,
         "lr_teacher": args.lr_teacher or "finetune_minilm_sst2.yaml's (5e-5)",
-        "replacement_schedule": f"linear from 0.3, p=1 at {REPLACING_FRACTION:.0%} of the steps (theseus, arc)",
+        "replacement_schedule": f"linear from 0.3, p=1 at {REPLACING_FRACTION:.0%} of the steps",
+        "replacement_methods": [m for m in args.methods if m in REPLACEMENT_METHODS],
         "kd": "vanilla_kd: CE + 1.0 x KL(teacher || student) at T=1",
         "arc_kd": "arc + CE + 1.0 x KL(fine-tuned teacher || student) at T=1, the same replacement schedule",
         "theseus_init": "bottom layers of the FINE-TUNED teacher (Theseus' own init), block mapping",

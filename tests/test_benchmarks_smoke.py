@@ -108,6 +108,7 @@ def test_glue_table_benchmark(tmp_path):
                                                "arc_kd": (stage1_student, None, "uniform", 1.0),
                                                "arc_block": (stage1_student, None, "block", 0.0)}
     assert len({c["schedule"]["replacing_steps"] for c in resolved.values()}) == 1  # the same curriculum
+    assert report["config"]["replacement_methods"] == ["theseus", "arc", "arc_kd", "arc_block"]
     table = out.with_suffix(".md").read_text()
     assert "ARC + logit KD" in table and "Theseus" in table and "| avg |" in table
     chart = out.with_suffix(".png")  # matplotlib comes with the `bench` extra that `make venv` installs
@@ -157,6 +158,22 @@ def test_glue_table_benchmark(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert json.loads(again.read_text())["per_seed"] == merged["per_seed"]
+    # Reports from before `replacement_methods` existed end the schedule with a method list, "(theseus, arc)": the
+    # same schedule, so they join; the merged report states the schedule alone and the replacement methods it holds.
+    old_parts = []
+    for part in parts:
+        old_style = json.loads(part.read_text())
+        old_style["config"]["replacement_schedule"] += " (theseus, arc)"
+        del old_style["config"]["replacement_methods"]
+        old_parts.append(tmp_path / f"old_{part.name}")
+        old_parts[-1].write_text(json.dumps(old_style))
+    proc = subprocess.run(merge + [*map(str, old_parts), str(out)], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    old_merged = json.loads(merged_path.read_text())
+    assert old_merged["per_seed"] == merged["per_seed"]
+    assert old_merged["config"]["replacement_schedule"] == report["config"]["replacement_schedule"]
+    assert old_merged["config"]["replacement_methods"] == ["theseus", "arc", "arc_kd", "arc_block"]
 
     # Reports of different tasks join into one table over all of them; --merge-seeds keeps the seeds they share
     # (here a two-seed CoLA report joins the one-seed RTE report).
@@ -199,6 +216,11 @@ def test_glue_table_benchmark(tmp_path):
     proc = subprocess.run(merge + [str(out), str(other_path)], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "steps=" in proc.stderr and "same settings" in proc.stderr, proc.stderr
     other["config"]["steps"] -= 1
+    other["config"]["replacement_schedule"] = "linear from 0.3, p=1 at 50% of the steps (theseus, arc)"
+    other_path.write_text(json.dumps(other))
+    proc = subprocess.run(merge + [str(out), str(other_path)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "replacement_schedule=" in proc.stderr, proc.stderr  # 50%, not 60%: refused
+    other["config"]["replacement_schedule"] = report["config"]["replacement_schedule"]
     other["stage1"]["relation_heads"] += 1
     other_path.write_text(json.dumps(other))
     proc = subprocess.run(merge + [str(out), str(other_path)], cwd=REPO, capture_output=True, text=True, timeout=300)
