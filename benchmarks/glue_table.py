@@ -39,7 +39,8 @@ Seeds, methods and tasks can run apart (--first-seed 43, --methods arc_kd or --t
 another machine, into its own --out) and be joined afterwards with --merge A.json B.json --out glue_table.json,
 which checks that the settings and the stage-1 run agree, that a score present in two reports is the same in both,
 and that every method has a score for every task and seed (--merge-seeds 42 keeps only seed 42, e.g. to join a
-one-seed task with a two-seed one), then recomputes the means. The teacher is always run and reported (the other methods
+one-seed task with a two-seed one; --merge-methods arc theseus keeps only those methods and the teacher, e.g. to
+add a seed that only some methods ran), then recomputes the means. The teacher is always run and reported (the other methods
 need it).
 """
 
@@ -108,6 +109,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "the first report that has the method")
     p.add_argument("--merge-seeds", type=int, nargs="+", metavar="SEED",
                    help="with --merge: keep only these seeds (to join tasks that ran different numbers of seeds)")
+    p.add_argument("--merge-methods", nargs="+", choices=METHODS[1:], metavar="METHOD",
+                   help="with --merge: keep only these methods and the teacher (to join a seed that only some of the "
+                        "methods ran)")
     p.add_argument("--glue-dir", type=Path, default=SHARED_DATA / "glue", help="glue_data-style folder of TSV files")
     p.add_argument("--tasks", nargs="+", default=None, help="default: sst2 mrpc rte cola (quick: sst2 rte)")
     p.add_argument("--methods", nargs="+", choices=METHODS[1:], default=list(METHODS[1:]),
@@ -546,9 +550,10 @@ def merge_setting(config: dict, key: str):
     return value
 
 
-def merge_reports(paths: list[Path], out: Path, only_seeds: list[int] | None = None) -> dict:
+def merge_reports(paths: list[Path], out: Path, only_seeds: list[int] | None = None,
+                  only_methods: list[str] | None = None) -> dict:
     """Join the per-seed scores of reports that ran the same settings with different seeds, methods or tasks
-    (--merge), keeping only `only_seeds` if given.
+    (--merge), keeping only `only_seeds` and `only_methods` (with the teacher) if given.
 
     A (task, method, seed) score may come from several reports only if they agree (a re-run of the same job), and
     every method in the result must have a score for every task and seed (the table's averages need them all);
@@ -586,6 +591,8 @@ def merge_reports(paths: list[Path], out: Path, only_seeds: list[int] | None = N
     for path, report in zip(paths, reports):
         for task in report["config"]["tasks"]:
             for method, values in report["per_seed"][task].items():
+                if only_methods and method not in ("teacher", *only_methods):
+                    continue
                 for seed, value in zip(report["config"]["seeds"], values):
                     if only_seeds and seed not in only_seeds:
                         continue
@@ -598,12 +605,16 @@ def merge_reports(paths: list[Path], out: Path, only_seeds: list[int] | None = N
     if absent:
         raise ArcError(f"--merge-seeds: no report has seed(s) {absent}; the reports have {seeds}")
     methods = [m for m in METHODS if any(key[1] == m for key in found)]
+    unknown = [m for m in only_methods or () if m not in methods]
+    if unknown:
+        raise ArcError(f"--merge-methods: no report has method(s) {unknown}; the reports have {methods}")
     for task in tasks:
         for method in methods:
             missing = [seed for seed in seeds if (task, method, seed) not in found]
             if missing:
                 raise ArcError(f"--merge: {method} has no {task} score for seed(s) {missing} in any report; run "
-                               f"glue_table.py --first-seed {missing[0]} --methods {method} and merge that report too")
+                               f"glue_table.py --first-seed {missing[0]} --methods {method} and merge that report too, "
+                               f"or leave the method out with --merge-methods")
     scores = {t: {m: [found[(t, m, seed)][0] for seed in seeds] for m in methods} for t in tasks}
     speed: dict = {key: {} for key in SPEED_KEYS}
     for report in reports:
@@ -629,7 +640,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         if args.merge:
-            merge_reports(args.merge, args.out, args.merge_seeds)
+            merge_reports(args.merge, args.out, args.merge_seeds, args.merge_methods)
+        elif args.merge_methods:
+            raise ArcError("--merge-methods only selects methods of --merge REPORT ...; to run methods use --methods")
         elif args.merge_seeds:
             raise ArcError("--merge-seeds only selects seeds of --merge REPORT ...; to run seeds use --first-seed and "
                            "--seeds")

@@ -205,6 +205,16 @@ def test_glue_table_benchmark(tmp_path):
     # reports, and reports of other settings.
     proc = subprocess.run(merge + [str(out), str(parts[0])], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "truncation has no rte score for seed(s) [43]" in proc.stderr, proc.stderr
+    # ... unless --merge-methods keeps only the methods that seed ran (and the teacher).
+    proc = subprocess.run(merge + [str(out), str(parts[0]), "--merge-methods", "arc_kd"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    kept = json.loads(merged_path.read_text())
+    assert kept["per_seed"] == {"rte": {m: merged["per_seed"]["rte"][m] for m in ("teacher", "arc_kd")}}
+    assert kept["arc_kd_retention"] is not None and kept["arc_retention"] is None
+    proc = subprocess.run(merge + [str(parts[0]), "--merge-methods", "arc"], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2 and "no report has method(s) ['arc']" in proc.stderr, proc.stderr
     other["per_seed"]["rte"]["teacher"] = [other["per_seed"]["rte"]["teacher"][0] - 1.0]
     other_path = tmp_path / "seed43.json"
     other_path.write_text(json.dumps(other))
