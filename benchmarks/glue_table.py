@@ -40,8 +40,8 @@ another machine, into its own --out) and be joined afterwards with --merge A.jso
 which checks that the settings and the stage-1 run agree, that a score present in two reports is the same in both,
 and that every method has a score for every task and seed (--merge-seeds 42 keeps only seed 42, e.g. to join a
 one-seed task with a two-seed one; --merge-methods arc theseus keeps only those methods and the teacher, e.g. to
-add a seed that only some methods ran), then recomputes the means. The teacher is always run and reported (the other methods
-need it).
+add a seed that only some methods ran), then recomputes the means. The teacher is always run and reported (the other
+methods need it).
 """
 
 from __future__ import annotations
