@@ -538,18 +538,6 @@ STAGE1_MUST_MATCH = ("steps", "teacher_layer", "relation_heads", "micro_batch_si
                      "corpus_seq_len")
 
 
-def merge_setting(config: dict, key: str):
-    """A report's value of a MERGE_MUST_MATCH setting, as compared by --merge.
-
-    Reports written before `replacement_methods` existed appended a method list to the schedule ("... of the steps
-    (theseus, arc)") that never named all the methods using it; the list is not part of the schedule, so it is
-    dropped here and those reports still join the newer ones (a different schedule is still refused)."""
-    value = config.get(key)
-    if key == "replacement_schedule" and isinstance(value, str):
-        value = re.sub(r" \([a-z_, ]+\)$", "", value)
-    return value
-
-
 def merge_reports(paths: list[Path], out: Path, only_seeds: list[int] | None = None,
                   only_methods: list[str] | None = None) -> dict:
     """Join the per-seed scores of reports that ran the same settings with different seeds, methods or tasks
@@ -566,6 +554,12 @@ def merge_reports(paths: list[Path], out: Path, only_seeds: list[int] | None = N
             raise ArcError(f"--merge: cannot read {path}: {e}") from None
         if report.get("benchmark") != "glue_table" or "per_seed" not in report:
             raise ArcError(f"--merge: {path} is not a glue_table.py report (no 'per_seed')")
+        # Reports written before `replacement_methods` existed appended a method list to the schedule ("... of the
+        # steps (theseus, arc)") that never named all the methods using it: read as the schedule alone, so they join
+        # newer reports (a different schedule is still refused below).
+        schedule = report["config"].get("replacement_schedule")
+        if isinstance(schedule, str):
+            report["config"]["replacement_schedule"] = re.sub(r" \([a-z_, ]+\)$", "", schedule)
         reports.append(report)
     first = reports[0]
     # A merged report carries a list of stage-1 descriptions (one per report it joined): all of them are checked.
@@ -574,7 +568,7 @@ def merge_reports(paths: list[Path], out: Path, only_seeds: list[int] | None = N
     stage1s: list[dict] = []
     for path, report, entries in zip(paths, reports, per_report):
         for key in MERGE_MUST_MATCH:
-            if merge_setting(report["config"], key) != merge_setting(first["config"], key):
+            if report["config"].get(key) != first["config"].get(key):
                 raise ArcError(f"--merge: {path} has {key}={report['config'].get(key)!r} but {paths[0]} has "
                                f"{first['config'].get(key)!r}; only reports of the same settings can be joined")
         for st1 in entries:
@@ -629,7 +623,6 @@ def merge_reports(paths: list[Path], out: Path, only_seeds: list[int] | None = N
     # A merged report lists its devices (and run directories); it can be merged again.
     devices = [r["config"].get("device", []) for r in reports]
     config = {**first["config"], "tasks": tasks, "seeds": seeds, "merged_from": [str(p) for p in paths],
-              "replacement_schedule": merge_setting(first["config"], "replacement_schedule"),
               "replacement_methods": [m for m in methods if m in REPLACEMENT_METHODS],
               "runs_dir": [r["config"]["runs_dir"] for r in reports],
               "device": sorted({d for ds in devices for d in ([ds] if isinstance(ds, str) else ds)})}
@@ -708,7 +701,7 @@ def run_table(args: argparse.Namespace) -> None:
         "precision": args.precision, "lr_student": args.lr_student,
         "lr_teacher": args.lr_teacher or "finetune_minilm_sst2.yaml's (5e-5)",
         "replacement_schedule": f"linear from 0.3, p=1 at {REPLACING_FRACTION:.0%} of the steps",
-        "replacement_methods": [m for m in args.methods if m in REPLACEMENT_METHODS],
+        "replacement_methods": [m for m in REPLACEMENT_METHODS if m in args.methods],
         "kd": "vanilla_kd: CE + 1.0 x KL(teacher || student) at T=1",
         "arc_kd": "arc + CE + 1.0 x KL(fine-tuned teacher || student) at T=1, the same replacement schedule",
         "theseus_init": "bottom layers of the FINE-TUNED teacher (Theseus' own init), block mapping",
