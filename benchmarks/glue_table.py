@@ -614,7 +614,8 @@ def merge_reports(paths: list[Path], out: Path, only_seeds: list[int] | None = N
     for report in reports:
         for key in SPEED_KEYS:
             for method, value in report.get(key, {}).items():  # older reports have no layers_x_hidden
-                speed[key].setdefault(method, value)
+                if method in methods:  # not the methods --merge-methods left out
+                    speed[key].setdefault(method, value)
     speed["batch"] = first["config"]["speed_batch"]
     for key in SPEED_KEYS:
         missing = [m for m in methods if m not in speed[key]]

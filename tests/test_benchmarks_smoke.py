@@ -212,6 +212,7 @@ def test_glue_table_benchmark(tmp_path):
     kept = json.loads(merged_path.read_text())
     assert kept["per_seed"] == {"rte": {m: merged["per_seed"]["rte"][m] for m in ("teacher", "arc_kd")}}
     assert kept["arc_kd_retention"] is not None and kept["arc_retention"] is None
+    assert set(kept["speedup"]) == set(kept["params_m"]) == {"teacher", "arc_kd"}
     proc = subprocess.run(merge + [str(parts[0]), "--merge-methods", "arc"], cwd=REPO, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 2 and "no report has method(s) ['arc']" in proc.stderr, proc.stderr
