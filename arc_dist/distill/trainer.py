@@ -236,7 +236,8 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Opt
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     # A torch optimizer rather than one declared in the DeepSpeed JSON: DeepSpeed's would JIT-compile fused_adam.
     # fused=True: one kernel per parameter group on CPU and CUDA (torch >= 2.4); the same update as the default
-    # foreach implementation to float rounding, 4x faster on the stage-1 student's parameters on CPU (README).
+    # foreach implementation to float rounding, 4x faster on the stage-1 student's parameters on CPU
+    # (benchmarks/RESULTS.md).
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=True)
 
 
