@@ -54,7 +54,7 @@ def make_inputs(args: argparse.Namespace, seq_len: int, seed: int = 0):
 def make_step(args: argparse.Namespace, method: str, inputs):
     """A closure running one forward+backward of `method`; student gradients are reset each call."""
     teacher, student, mask = inputs
-    project = RelationLoss(args.heads, chunk_size=args.chunk_size)
+    project = RelationLoss(args.heads, chunk_size=args.chunk_size, chunk_heads=args.chunk_heads)
 
     def step() -> None:
         for x in student:
@@ -147,6 +147,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--student-width", type=int, default=384)
     parser.add_argument("--chunk-size", type=int, default=None,
                         help="RelationLoss chunk_size (default: automatic, as in training)")
+    parser.add_argument("--chunk-heads", type=int, default=None,
+                        help="RelationLoss chunk_heads, (batch, head) pairs per block (default: automatic)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument("--repeats", type=int, default=None, help="timed repetitions per method (default 7, quick 3)")
@@ -162,6 +164,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         f"--batch={args.batch}", f"--heads={args.heads}", f"--teacher-width={args.teacher_width}",
         f"--student-width={args.student_width}", f"--device={args.device}", f"--dtype={args.dtype}",
         *([f"--chunk-size={args.chunk_size}"] if args.chunk_size else []),
+        *([f"--chunk-heads={args.chunk_heads}"] if args.chunk_heads else []),
     ]  # fmt: skip
     return args
 
@@ -181,7 +184,7 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"relation loss fwd+bwd: device={args.device} dtype={args.dtype} batch={args.batch} A_r={args.heads} "
         f"teacher={args.teacher_width} student={args.student_width} chunk_size={args.chunk_size} "
-        f"threads={torch.get_num_threads()} repeats={args.repeats}"
+        f"chunk_heads={args.chunk_heads} threads={torch.get_num_threads()} repeats={args.repeats}"
     )
     print(
         f"{'S':>6} {'project ms':>11} {'reference ms':>13} {'time ratio':>11} "
@@ -212,8 +215,8 @@ def main(argv: list[str] | None = None) -> None:
         "memory_method": memory_method,
         "config": {
             "batch": args.batch, "heads": args.heads, "teacher_width": args.teacher_width,
-            "student_width": args.student_width, "chunk_size": args.chunk_size, "dtype": args.dtype,
-            "repeats": args.repeats, "threads": torch.get_num_threads(),
+            "student_width": args.student_width, "chunk_size": args.chunk_size, "chunk_heads": args.chunk_heads,
+            "dtype": args.dtype, "repeats": args.repeats, "threads": torch.get_num_threads(),
         },
         "results": results,
     }  # fmt: skip

@@ -12,11 +12,11 @@ import yaml
 from helpers import PYTHON, REPO
 
 
-def run_quick(script: str, out_path) -> dict:
-    """Run benchmarks/<script> --quick --out <out_path>; return the JSON object on its last stdout line."""
+def run_quick(script: str, out_path, *extra: str) -> dict:
+    """Run benchmarks/<script> --quick --out <out_path> [extra]; return the JSON object on its last stdout line."""
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
     proc = subprocess.run(
-        [PYTHON, str(REPO / "benchmarks" / script), "--quick", "--out", str(out_path)],
+        [PYTHON, str(REPO / "benchmarks" / script), "--quick", "--out", str(out_path), *extra],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -41,6 +41,17 @@ def test_relation_loss_benchmark(tmp_path):
         }  # fmt: skip
         assert row["project_ms"] > 0 and row["reference_ms"] > 0
         assert row["reference_peak_mib"] > 0
+
+
+def test_relation_loss_benchmark_fixed_blocks(tmp_path):
+    """--chunk-size/--chunk-heads (the GPU block-size sweep, scripts/gpu_chunk_sweep.sh) reach the loss: one query
+    row of one (batch, head) pair per block is far slower than the reference at these sizes, so a time ratio
+    above 1 shows the blocks were applied (the automatic blocks are faster than the reference here)."""
+    out = tmp_path / "relation_loss.json"
+    report = run_quick("relation_loss.py", out, "--seq-lens", "64", "--chunk-size", "1", "--chunk-heads", "1")
+    assert (report["config"]["chunk_size"], report["config"]["chunk_heads"]) == (1, 1)
+    assert [row["seq_len"] for row in report["results"]] == [64]
+    assert report["results"][0]["time_ratio"] > 1
 
 
 def test_stage1_step_benchmark(tmp_path):
