@@ -89,6 +89,11 @@ def peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is KiB on Linux
 
 
+def matmul_peak_size(device: torch.device, n: int) -> int:
+    """The matrix width `measure_matmul_tflops` times for a requested `n` on `device` (larger on a GPU, see there)."""
+    return max(n, 8192) if device.type == "cuda" else n
+
+
 def measure_matmul_tflops(device: torch.device, dtype: torch.dtype, n: int = 1024, repeats: int = 5) -> float:
     """The achievable matmul peak that MFU is measured against: the best time over `repeats` runs of each matmul
     entry point a model uses (`mm`, `addmm` = nn.Linear with bias, `linear`). On some CPUs they dispatch to
@@ -96,9 +101,7 @@ def measure_matmul_tflops(device: torch.device, dtype: torch.dtype, n: int = 102
     linear 7.8 GFLOP/s; an MFU against the slower one would overstate utilisation (even above 1).
     On a GPU a 1024^3 matmul takes a few microseconds, less than the launch and synchronisation around it, so there
     the matrices are 8192 wide and each timing covers 10 back-to-back calls."""
-    per_sync = 1
-    if device.type == "cuda":
-        n, per_sync = max(n, 8192), 10
+    n, per_sync = matmul_peak_size(device, n), (10 if device.type == "cuda" else 1)
     g = torch.Generator(device=device).manual_seed(0)  # never the global RNG: it drives dropout, saved in checkpoints
     a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
     b = torch.randn(n, n, device=device, dtype=dtype, generator=g)

@@ -49,7 +49,7 @@ from common import (
 from arc_dist.config import CorpusConfig, DistillJobConfig, OptimConfig, RelationLossConfig, StudentConfig
 from arc_dist.distill.relation_loss import RelationLoss, check_relation_heads, reference_relation_loss
 from arc_dist.distill.trainer import Stage1Plan, build_optimizer, stage1_flops_per_token_parts
-from arc_dist.metrics import measure_matmul_tflops
+from arc_dist.metrics import matmul_peak_size, measure_matmul_tflops
 from arc_dist.models.builders import (
     build_student,
     default_relation_heads,
@@ -319,7 +319,7 @@ def main(argv: list[str] | None = None) -> None:
             "repeats": {d: repeats_for(d, device, args.repeats) for d in args.dtypes}, "warmup": args.warmup,
             "emulated_dtypes": [d for d in args.dtypes if emulated_dtype(d, device)], "threads": threads,
             "device": str(device), "dtypes": args.dtypes, "quick": args.quick,
-            "frozen_student_tensors": len(steps.frozen), "peak_matmul_n": peak_n,
+            "frozen_student_tensors": len(steps.frozen), "peak_matmul_n": matmul_peak_size(device, peak_n),
         },
     }  # fmt: skip
     write_report(report, report_path(args.out, "stage1_step", args.quick))

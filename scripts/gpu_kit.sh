@@ -28,7 +28,8 @@ mkdir -p "$KIT/wheels" "$KIT/minilm" "$KIT/glue/SST-2" "$KIT/text"
 DS_BUILD_OPS=0 "$PY" -m pip wheel -q --no-deps --no-build-isolation -w "$KIT/wheels" "deepspeed==$(pin deepspeed)"
 # What DeepSpeed, webdataset and transformers need that the image lacks (or has in an older version).
 wanted=()
-for name in pydantic pydantic_core annotated-types typing-inspection typing-extensions hjson webdataset braceexpand transformers regex; do
+for name in pydantic pydantic_core annotated-types typing-inspection typing-extensions hjson webdataset braceexpand \
+        transformers regex; do
     wanted+=("$name==$(installed "$name")")
 done
 "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp --abi cp312 \

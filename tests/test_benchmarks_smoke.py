@@ -68,6 +68,7 @@ def test_stage1_step_benchmark(tmp_path):
     # Same students at init, same batch: the project step and the baseline compute the same loss.
     assert report["equivalence_check"]["rel_diff"] < 1e-4
     assert report["config"]["threads"] >= 1 and report["config"]["quick"] is True
+    assert report["config"]["peak_matmul_n"] == 512  # what was timed: --quick's size, not widened off a GPU
 
 
 def test_inference_benchmark(tmp_path):

@@ -280,10 +280,10 @@ class _FusedRelationKL(torch.autograd.Function):
 #   became 1.36x faster than the earlier row-only chunks of 4M elements at B=8, A_r=12, S=512 and 1.47x at B=32,
 #   A_r=48, S=128 (the two alternating in one process).
 # - GPU: 32M elements (128 MiB per buffer, 512 MiB in all). Measured on an H200 in bf16 (scripts/gpu_chunk_sweep.sh,
-#   benchmarks/RESULTS.md): a block costs about 0.5 ms of kernel launches and dispatch whatever its size, so small
-#   blocks are slow: at B=32, A_r=64, S=512 (a BERT-large stage 1) 2M elements took 355 ms against the reference's
-#   88, 8M 115 ms, 32M 60 ms (0.036x the reference's 18.6 GB); 64M and 128M were only 3% and 7% faster again for
-#   2x and 4x the memory. The same knee at S=2048 (B=8, A_r=12).
+#   benchmarks/RESULTS.md): a block costs 0.35-0.8 ms of host-side overhead whatever its size, so small blocks are
+#   slow: at B=32, A_r=64, S=512 (a BERT-large stage 1) 2M elements took 355 ms against the reference's 88, 8M
+#   115 ms, 32M 60 ms (0.036x the reference's 18.1 GiB); 64M and 128M were only 3% and 7% faster again for 1.8x
+#   and 3.3x the peak memory. Likewise at S=2048 (B=8, A_r=12). 16M was not tried.
 AUTO_CHUNK_ROWS = 512
 AUTO_CHUNK_ELEMENTS = {"cpu": 1 << 20, "other": 1 << 25}
 
