@@ -8,7 +8,7 @@
 # its setup).
 #
 # For each shape and work-buffer budget E (elements per buffer; the loss keeps four), benchmarks/relation_loss.py
-# runs with 512 query rows per block and E / (512 x S) (batch, head) pairs, in bf16, against the reference, and
+# runs with min(S, 512) query rows R per block and E / (R x S) (batch, head) pairs, in bf16, against the reference, and
 # the JSON lines land in $OUT/sweep.jsonl. Shapes: issue #5's (B=8, A_r=12, teacher 768, student 384) at S = 512,
 # 1024 and 2048, and a BERT-large stage-1 shape (B=32, A_r=64, teacher 1024, student 384, S=512). Then the stage-1
 # step at batch 256 x 128, where a 3x384 student's fp32 step is no longer mostly waiting on the host.
@@ -23,10 +23,11 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONPA
 LOG=$OUT/sweep.log
 : > "$OUT/sweep.jsonl"
 sweep() {  # sweep "SHAPE ARGS" S BUDGET...
-    local shape=$1 s=$2 budget heads
+    local shape=$1 s=$2 budget heads rows
     shift 2
+    rows=$(( s < 512 ? s : 512 ))  # as auto_chunk: whole rows up to 512 keys
     for budget in "$@"; do
-        heads=$(( budget / (512 * s) ))
+        heads=$(( budget / (rows * s) ))
         [ "$heads" -ge 1 ] || heads=1
         echo "=== $shape S=$s budget=$budget chunk_heads=$heads" | tee -a "$LOG"
         # the last stdout line is the report, one JSON line
